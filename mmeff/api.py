@@ -1,0 +1,89 @@
+"""The public entry points: ``wrap`` attaches a preset's stages to a model, ``unwrap`` takes them off."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from torch import nn
+
+import mmeff.methods  # noqa: F401  (registers the built-in methods)
+from mmeff.config import MethodConfig, lookup
+from mmeff.errors import MmeffError
+from mmeff.models import adapter_for
+from mmeff.pipeline import Pipeline
+from mmeff.presets import resolve
+
+_HANDLES: WeakKeyDictionary[nn.Module, Handle] = WeakKeyDictionary()
+
+
+class Handle:
+    """What ``wrap`` returns: the configs in force, the last measurements, and ``remove()``."""
+
+    def __init__(self, model: nn.Module, pipeline: Pipeline) -> None:
+        self.model = model
+        self.pipeline = pipeline
+
+    @property
+    def family(self) -> str:
+        return self.pipeline.adapter.family
+
+    @property
+    def configs(self) -> list[MethodConfig]:
+        return [m.config for m in self.pipeline.methods]
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Measured at the last prefill: visual tokens in / kept (mean over layers), KV-cache bytes."""
+        return dict(self.pipeline.stats)
+
+    def remove(self) -> None:
+        if _HANDLES.get(self.model) is self:
+            self.pipeline.detach()
+            del _HANDLES[self.model]
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Handle({self.family}, {[c.method for c in self.configs]})"
+
+
+def wrap(
+    model: nn.Module,
+    preset: str | MethodConfig | Sequence[str | MethodConfig] = "none",
+    **overrides: Any,
+) -> Handle:
+    """Attach the stages of ``preset`` to ``model`` (in place) and return a :class:`Handle`.
+
+    ``preset``: a preset name (``mmeff.available_presets()``), several joined by ``+``, a path to a preset
+    ``.toml`` file, a method config, or a list of those. ``overrides`` change config fields. Keep calling
+    ``model(...)`` / ``model.generate(...)`` as before; ``mmeff.unwrap(model)`` restores the original.
+    """
+    if model in _HANDLES:
+        raise MmeffError("this model is already wrapped; call mmeff.unwrap(model) first")
+    adapter = adapter_for(model)
+    configs = resolve(preset, adapter.family, overrides)
+    methods = [lookup(c.method)[1](c, adapter) for c in configs]
+    pipeline = Pipeline(model, adapter, methods)
+    pipeline.attach()
+    handle = Handle(model, pipeline)
+    _HANDLES[model] = handle
+    return handle
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove every mmeff hook from ``model``; it is the original module for module. Returns ``model``."""
+    handle = _HANDLES.get(model)
+    if handle is None:
+        raise MmeffError("this model is not wrapped by mmeff")
+    handle.remove()
+    return model
+
+
+def handle_of(model: nn.Module) -> Handle | None:
+    return _HANDLES.get(model)

@@ -1,0 +1,93 @@
+"""The KV-cache insertion point.
+
+When any stage removes tokens, a decoder layer's cache holds fewer entries than the sequence the model
+believes it has. :class:`SlotLayer` (a ``DynamicLayer``) stores only the slots its layer keeps but reports the
+*virtual* length — prompt length plus decoded tokens — to ``get_seq_length`` / ``get_mask_sizes``. So
+everything transformers derives from the cache (masks, ``generate``'s input slicing, default position ids)
+stays in original coordinates, and each layer gathers its own mask columns (:mod:`mmeff.state`).
+
+Methods that compress or quantize the cache subclass :class:`SlotLayer` and hand the pipeline a factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from mmeff.errors import UnsupportedModelError
+
+
+class SlotLayer(DynamicLayer):
+    """A dynamic cache layer whose reported length counts the slots a token selection removed."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.removed = 0  # virtual positions not stored (prompt length - slots kept)
+
+    def get_seq_length(self) -> int:
+        stored = super().get_seq_length()
+        return stored + self.removed if stored or self.removed else 0
+
+    def get_mask_sizes(self, query_length: int, *args: object) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def stored_length(self) -> int:
+        return super().get_seq_length()
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's tensors (what the cache really stores)."""
+        if not self.is_initialized or self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("mmeff token selection does not support beam search / num_return_sequences > 1")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("mmeff token selection does not support beam search / contrastive search")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("mmeff token selection does not support beam search")
+
+
+LayerFactory = Callable[[int], SlotLayer]
+
+
+def install_slot_layers(cache: Cache | None, n_layers: int, factory: LayerFactory | None = None) -> Cache:
+    """Make ``cache`` (a fresh ``DynamicCache``, or None to create one) hold :class:`SlotLayer` layers, in place.
+
+    In place keeps the object ``generate`` holds. Any other cache class is refused: its fixed-size layers
+    cannot hold a token selection.
+    """
+    if cache is None:
+        cache = DynamicCache()
+    if type(cache) is not DynamicCache:
+        raise UnsupportedModelError(
+            f"mmeff stages that remove tokens or own the KV cache need a DynamicCache, got {type(cache).__name__} "
+            "(use the default cache_implementation)"
+        )
+    if cache.get_seq_length() != 0:
+        raise UnsupportedModelError("mmeff must start from an empty cache (prefill in one forward call)")
+    factory = factory or (lambda i: SlotLayer())
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer and not isinstance(layer, SlotLayer):
+            raise UnsupportedModelError(
+                f"mmeff token selection does not support {type(layer).__name__} cache layers (sliding window)"
+            )
+    cache.layers = [factory(i) for i in range(n_layers)]
+    return cache
+
+
+def cache_nbytes(cache: Cache | None) -> int:
+    """Bytes the cache's tensors hold, measured from the tensors themselves."""
+    if cache is None:
+        return 0
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, SlotLayer):
+            total += layer.nbytes()
+        elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total

@@ -1,0 +1,3 @@
+from mmeff.cli import main
+
+main()

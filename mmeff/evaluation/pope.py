@@ -1,0 +1,153 @@
+"""POPE: question files, answer files, LLaVA's answer parser and the per-split metrics.
+
+Matches LLaVA's ``llava/eval/eval_pope.py``: the answer's text before the first '.', commas removed,
+split on single spaces; "No", "not" or "no" among the words -> "no", otherwise "yes". Metrics take
+"yes" as the positive class. The three official COCO question files ship with the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._io import check_image, iter_json_lines, require, shipped_path
+from .errors import DataError
+
+POPE_SPLITS: dict[str, str] = {
+    "pope_random": "coco_pope_random.json",
+    "pope_popular": "coco_pope_popular.json",
+    "pope_adversarial": "coco_pope_adversarial.json",
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int
+    image: str
+    text: str
+    label: str  # "yes" | "no"
+    source: str = field(default="", compare=False, repr=False)
+    line: int = field(default=0, compare=False, repr=False)
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """Read a POPE question file (JSON lines ``{question_id, image, text, label}``)."""
+    questions: list[Question] = []
+    seen: dict[int, int] = {}
+    for lineno, obj in iter_json_lines(path):
+        qid = require(path, lineno, obj, "question_id", int)
+        label = require(path, lineno, obj, "label", str)
+        if label not in ("yes", "no"):
+            raise DataError(path, f"label must be 'yes' or 'no', got {label!r}", lineno)
+        if qid in seen:
+            raise DataError(path, f"question_id {qid} repeats line {seen[qid]}", lineno)
+        seen[qid] = lineno
+        questions.append(Question(qid, require(path, lineno, obj, "image", str),
+                                  require(path, lineno, obj, "text", str), label, str(path), lineno))
+    if not questions:
+        raise DataError(path, "no questions in file")
+    return questions
+
+
+def load_split(name: str) -> list[Question]:
+    """One of the shipped official COCO splits: ``pope_random``, ``pope_popular``, ``pope_adversarial``."""
+    if name not in POPE_SPLITS:
+        raise DataError(name, f"unknown POPE split; known: {', '.join(POPE_SPLITS)}")
+    return load_questions(shipped_path(POPE_SPLITS[name]))
+
+
+def resolve_images(questions: Sequence[Question], image_dir: str | Path,
+                   skip_missing: bool = False) -> tuple[list[Question], list[Path], int]:
+    """Pair each question with its image under ``image_dir`` (e.g. COCO val2014).
+
+    A missing or corrupt image is an error naming the question file and line; with ``skip_missing``
+    its questions are dropped and counted instead. Returns (questions kept, image paths, n skipped).
+    """
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(image_dir, "image folder not found")
+    status: dict[str, bool] = {}
+    kept: list[Question] = []
+    paths: list[Path] = []
+    skipped = 0
+    for q in questions:
+        path = image_dir / q.image
+        if q.image not in status:
+            try:
+                check_image(path, q.source or image_dir, q.line or None)
+                status[q.image] = True
+            except DataError:
+                if not skip_missing:
+                    raise
+                status[q.image] = False
+        if status[q.image]:
+            kept.append(q)
+            paths.append(path)
+        else:
+            skipped += 1
+    return kept, paths, skipped
+
+
+def parse_answer(text: str) -> str:
+    """LLaVA's POPE parser: "yes" or "no"."""
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def load_answers(path: str | Path, questions: Sequence[Question]) -> list[str]:
+    """Raw answer texts from JSON lines ``{question_id, text}``, in the order of ``questions``.
+
+    An answer for an unknown question, a repeated answer or an unanswered question is an error.
+    """
+    wanted = {q.question_id for q in questions}
+    texts: dict[int, str] = {}
+    for lineno, obj in iter_json_lines(path):
+        qid = require(path, lineno, obj, "question_id", int)
+        if qid not in wanted:
+            raise DataError(path, f"answer for question_id {qid}, which is not among the questions", lineno)
+        if qid in texts:
+            raise DataError(path, f"second answer for question_id {qid}", lineno)
+        texts[qid] = require(path, lineno, obj, "text", str)
+    missing = [q.question_id for q in questions if q.question_id not in texts]
+    if missing:
+        raise DataError(path, f"{len(missing)} questions have no answer (first ids: {missing[:5]})")
+    return [texts[q.question_id] for q in questions]
+
+
+def pope_metrics(preds: Iterable[str], labels: Iterable[str]) -> dict[str, float]:
+    """accuracy, precision, recall, f1, yes_ratio (fractions) and n, "yes" positive.
+
+    ``preds`` are raw answers or parsed "yes"/"no" (parsing is idempotent). An undefined precision or
+    F1 (no "yes" predicted) is 0.0, where the official script would divide by zero.
+    """
+    p = np.array([parse_answer(t) == "yes" for t in preds], dtype=bool)
+    labels = list(labels)
+    bad = [x for x in labels if x not in ("yes", "no")]
+    if bad:
+        raise ValueError(f"labels must be 'yes'/'no', got {bad[0]!r}")
+    y = np.array([x == "yes" for x in labels], dtype=bool)
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} predictions for {y.size} labels")
+    if p.size == 0:
+        raise ValueError("no predictions")
+    tp, fp = int(np.sum(p & y)), int(np.sum(p & ~y))
+    tn, fn = int(np.sum(~p & ~y)), int(np.sum(~p & y))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / p.size, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": float(p.mean()), "n": p.size, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def pope_sample_matrix(preds: Iterable[str], labels: Iterable[str]) -> np.ndarray:
+    """(n, 2) int array [pred_is_yes, label_is_yes] per question, for ``paired_bootstrap``."""
+    p = [parse_answer(t) == "yes" for t in preds]
+    y = [x == "yes" for x in labels]
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} predictions for {len(y)} labels")
+    return np.column_stack([np.array(p, dtype=np.int64), np.array(y, dtype=np.int64)])

@@ -1,0 +1,20 @@
+"""``none``: no method at all — the baseline row, and a transparent run of mmeff's machinery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmeff.config import MethodConfig, register_method
+from mmeff.methods.base import Method
+
+
+@dataclass(frozen=True)
+class NoneConfig(MethodConfig):
+    method = "none"
+
+
+class NoneMethod(Method):
+    pass
+
+
+register_method(NoneConfig, NoneMethod)

@@ -1,0 +1,131 @@
+"""FastV against a slow reference that recomputes the whole forward from scratch at every step (no cache),
+with the dropped visual tokens masked out (as keys) of every layer from K on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmeff
+from mmeff.methods.fastv import keep_top
+from mmeff.models import adapter_for
+from mmeff.models.factory import FAMILIES, load_tiny
+from tests.test_wrap import batch
+
+
+def reference_scores(model, inputs, k: int, query: str) -> torch.Tensor:
+    """FastV's statistic from the eager attention weights of layer k-1: mean over heads, then over real rows."""
+    out = model(**inputs, output_attentions=True, use_cache=False)
+    att = out.attentions[k - 1].float().mean(1)  # [B, N, N]
+    real = inputs["attention_mask"].bool()
+    if query == "last":
+        real = torch.zeros_like(real)
+        real[:, -1] = True
+    w = real.float()
+    return torch.einsum("bqk,bq->bk", att, w) / w.sum(1, keepdim=True)
+
+
+def reference_generate(model, inputs, dropped: torch.Tensor, k: int, steps: int) -> tuple[torch.Tensor, list]:
+    """Greedy decoding, full recompute per step; ``dropped`` [B, N] prompt positions hidden from layers >= k."""
+    layers = adapter_for(model).layers
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {key: v for key, v in inputs.items() if key not in ("input_ids", "attention_mask")}
+    handles = []
+    state = {}
+
+    def hide(module, args, kwargs):
+        m = kwargs["attention_mask"]
+        n = m.shape[-1]
+        drop = torch.zeros(m.shape[0], n, dtype=torch.bool)
+        drop[:, : dropped.shape[1]] = dropped
+        m = m.masked_fill(drop[:, None, None, :], torch.finfo(m.dtype).min)
+        eye = torch.eye(n, dtype=torch.bool)[None, None] & drop[:, None, None, :]
+        kwargs["attention_mask"] = m.masked_fill(eye, 0.0)  # a hidden token still sees itself (no empty row)
+        state["used"] = True
+        return args, kwargs
+
+    for layer in layers[k:]:
+        handles.append(layer.register_forward_pre_hook(hide, with_kwargs=True))
+    logits = []
+    try:
+        for _ in range(steps):
+            pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+            kw = dict(extra)
+            if adapter_for(model).family in ("llava", "llava_next"):
+                kw["position_ids"] = pos  # what generate passes
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
+            last = out.logits[:, -1]
+            logits.append(last)
+            nxt = last.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            if "mm_token_type_ids" in extra:  # Qwen: generated tokens are text
+                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert state.get("used") or k >= len(layers)
+    return ids, logits
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def models(request, tiny_model_dir):
+    path = tiny_model_dir(request.param)
+    eager, processor = load_tiny(path, attn_implementation="eager")
+    sdpa, _ = load_tiny(path, attn_implementation="sdpa")
+    return request.param, eager, sdpa, processor
+
+
+@pytest.mark.parametrize("k,ratio,query", [(2, 0.5, "all"), (1, 0.75, "last")])
+@torch.no_grad()
+def test_fastv_generate_equals_slow_reference(models, k, ratio, query):
+    family, eager, sdpa, processor = models
+    inputs = batch(processor, family)
+    adapter = adapter_for(eager)
+    spans = adapter.spans(inputs["input_ids"], inputs)
+    visual = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    layout = torch.zeros_like(visual)
+    for b, sample in enumerate(spans):
+        for sp in sample:
+            visual[b, sp.start : sp.end] = True
+            layout[b, sp.start : sp.end] = sp.grid()["layout"]
+    scores = reference_scores(eager, inputs, k, query)
+    keep = keep_top(scores, visual & ~layout, ratio)
+    dropped = ~keep
+    n_vis = (visual & ~layout).sum(1)
+    assert torch.equal(dropped.sum(1), n_vis - torch.round(n_vis * (1 - ratio)).long())
+    steps = 5
+    ref_ids, ref_logits = reference_generate(eager, inputs, dropped, k, steps)
+
+    for model in (eager, sdpa):
+        with mmeff.wrap(model, "fastv", k=k, ratio=ratio, query=query) as handle:
+            out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
+                                 output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref_ids), family
+        for got, want in zip(out.logits, ref_logits):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        kept_visual = (visual.sum(1) - dropped.sum(1)).float().mean().item()
+        per_layer = handle.stats["visual_tokens_kept_per_layer"]
+        assert per_layer[:k] == [visual.sum(1).float().mean().item()] * k
+        assert per_layer[k:] == pytest.approx([kept_visual] * (len(per_layer) - k))
+
+
+@torch.no_grad()
+def test_fastv_cache_shrinks_and_logits_keep_shape(models):
+    family, _, sdpa, processor = models
+    inputs = batch(processor, family)
+    ref = sdpa(**inputs)
+    with mmeff.wrap(sdpa, "fastv", k=1, ratio=0.5) as handle:
+        out = sdpa(**inputs)
+        assert out.logits.shape == ref.logits.shape
+        n = inputs["input_ids"].shape[1]
+        layers = out.past_key_values.layers
+        assert layers[0].keys.shape[-2] == n and layers[0].get_seq_length() == n
+        assert all(layer.get_seq_length() == n for layer in layers)  # virtual length: original coordinates
+        stored = layers[1].keys.shape[-2]
+        assert stored < n
+        assert handle.stats["kv_cache_bytes"] < sum(
+            t.numel() * t.element_size() for layer in ref.past_key_values.layers for t in (layer.keys, layer.values)
+        )
+        # text positions keep their outputs' shape and the last position (the next-token logits) is defined
+        assert torch.isfinite(out.logits).all()

@@ -1,0 +1,156 @@
+"""wrap/unwrap: the machinery is transparent with the empty preset, removable, and refuses bad input clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmeff
+from mmeff.methods.base import Method, Point
+from mmeff.models.factory import FAMILIES, load_tiny, make_inputs, random_image
+
+SIZES = [(48, 40), (40, 64), (64, 32)]
+
+
+def batch(processor, family: str, multi_image: bool = True):
+    """Two left-padded samples of different lengths; the second has two images of different sizes."""
+    second = [random_image(2, SIZES[1]), random_image(3, SIZES[2])] if multi_image else [random_image(2, SIZES[1])]
+    return make_inputs(
+        processor,
+        ["describe the picture", "what color is the large shape on the left of these two images"],
+        [[random_image(1, SIZES[0])], second],
+    )
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tiny_model_dir):
+    model, processor = load_tiny(tiny_model_dir(request.param), attn_implementation="sdpa")
+    return request.param, model, processor
+
+
+def _snapshot(model):
+    return {
+        name: (id(mod), type(mod), dict(mod._forward_hooks), dict(mod._forward_pre_hooks))
+        for name, mod in model.named_modules()
+    }
+
+
+@torch.no_grad()
+def test_none_is_transparent_and_unwrap_restores(family_model):
+    family, model, processor = family_model
+    inputs = batch(processor, family)
+    attn = model.model.language_model.config._attn_implementation
+    ref_logits = model(**inputs).logits
+    ref_gen = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    before = _snapshot(model)  # after a first forward: transformers adds its own output-capturing hooks lazily
+
+    handle = mmeff.wrap(model, "none")
+    assert model.model.language_model.config._attn_implementation != attn  # the machinery is really in the path
+    out = model(**inputs).logits
+    gen = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(out, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, ref_gen)
+    assert handle.stats["visual_tokens_in"] == handle.stats["visual_tokens_kept"] > 0
+
+    mmeff.unwrap(model)
+    assert _snapshot(model) == before
+    assert model.model.language_model.config._attn_implementation == attn
+    assert "get_image_features" not in vars(model.model)
+    torch.testing.assert_close(model(**inputs).logits, ref_logits, rtol=0, atol=0)
+
+
+class _Identity(Method):
+    """Uses every in-layer hook with neutral values: proves each path is exact when it changes nothing."""
+
+    points = frozenset({Point.LAYER})
+
+    def attention_hooks(self, layer, state):
+        class Neutral:
+            def observe(self, call):
+                call.received()
+
+            def modify_scores(self, call, scores):
+                return scores
+
+        return [Neutral()]
+
+    def head_scale(self, layer, state):
+        return torch.ones(1, self.adapter.text_config.num_attention_heads)
+
+
+@torch.no_grad()
+def test_neutral_hooks_keep_outputs(family_model):
+    from mmeff.methods.none import NoneConfig
+
+    family, model, processor = family_model
+    inputs = batch(processor, family)
+    ref = model(**inputs).logits
+    ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    pipeline_cls = mmeff.api.Pipeline
+    adapter = mmeff.models.adapter_for(model)
+    pipe = pipeline_cls(model, adapter, [_Identity(NoneConfig(), adapter)])
+    pipe.attach()
+    try:
+        out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    finally:
+        pipe.detach()
+    real = inputs["attention_mask"].bool()  # padding rows are not defined outputs
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-5)
+    assert torch.equal(gen, ref_gen)
+
+
+def test_errors(family_model, tmp_path):
+    family, model, processor = family_model
+    with pytest.raises(mmeff.UnknownPresetError, match=r"valid presets: .*fastv.*none"):
+        mmeff.wrap(model, "fastvv")
+    with pytest.raises(mmeff.ConfigError, match="no field"):
+        mmeff.wrap(model, "fastv", ratoi=0.3)
+    with pytest.raises(mmeff.StageConflictError, match="twice"):
+        mmeff.wrap(model, "fastv+fastv")
+    with pytest.raises(mmeff.ConfigError, match="k must be"):
+        mmeff.wrap(model, "fastv", k=99)
+    with pytest.raises(mmeff.UnsupportedModelError, match="does not support Linear"):
+        mmeff.wrap(torch.nn.Linear(2, 2), "none")
+    mmeff.wrap(model, "none")
+    try:
+        with pytest.raises(mmeff.MmeffError, match="already wrapped"):
+            mmeff.wrap(model, "none")
+    finally:
+        mmeff.unwrap(model)
+    # one image placeholder expanded, but two images' pixels given
+    inputs = batch(processor, family, multi_image=True)
+    ids = inputs["input_ids"]
+    image_ids = torch.tensor(mmeff.models.adapter_for(model).image_token_ids)
+    first = int(torch.isin(ids[1], image_ids).nonzero()[0])
+    ids[1, first] = processor.tokenizer.pad_token_id  # one image token fewer than the features need
+    with mmeff.wrap(model, "fastv"), pytest.raises(mmeff.ImageTokenMismatchError, match="image tokens"):
+        model(**inputs)
+
+
+def test_stage_conflict_is_refused(family_model):
+    _, model, _ = family_model
+
+    class Cache1(Method):
+        points = frozenset({Point.CACHE})
+
+    adapter = mmeff.models.adapter_for(model)
+    from mmeff.methods.none import NoneConfig
+    from mmeff.pipeline import Pipeline
+
+    with pytest.raises(mmeff.StageConflictError, match="'cache' insertion point"):
+        Pipeline(model, adapter, [Cache1(NoneConfig(), adapter), Cache1(mmeff.FastVConfig(), adapter)])
+
+
+def test_presets_listing():
+    names = mmeff.available_presets()
+    assert {"none", "fastv"} <= set(names)
+
+
+def test_preset_file(tmp_path, family_model):
+    family, model, _ = family_model
+    path = tmp_path / "mine.toml"
+    path.write_text('[mine]\ndescription = "x"\nmethod = "fastv"\nk = 1\nratio = 0.25\n'
+                    f'[mine.families.{family}]\nratio = 0.75\n')
+    with mmeff.wrap(model, str(path)) as handle:
+        assert handle.configs == [mmeff.FastVConfig(k=1, ratio=0.75)]
