@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ class Pipeline:
         self._memo: dict[tuple[int, int], Any] = {}
         self._encoder_inputs: dict[str, Any] = {}
         self._patched: list[tuple[Any, str]] = []
+        self._t0 = 0.0
         self.validate()
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -145,6 +147,13 @@ class Pipeline:
         self.state = None
 
     # -- hooks ----------------------------------------------------------------------------------------------
+    def _clock(self) -> float:
+        """Wall time in ms, after the device's queued work (timings of what the user waits for)."""
+        device = next(self.adapter.language_model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() * 1e3
+
     def _phase(self) -> str:
         return self.state.phase if self.state is not None else "prefill"
 
@@ -153,6 +162,7 @@ class Pipeline:
         inputs.update(inputs.pop("kwargs", {}) or {})
         cache = inputs.get("past_key_values")
         self._memo.clear()
+        self._t0 = self._clock()
         if cache is not None and cache.get_seq_length() > 0:
             if self.state is None:
                 if self.removes_tokens:
@@ -338,6 +348,9 @@ class Pipeline:
                 "visual_tokens_kept": kept.mean().item(),
                 "visual_tokens_kept_per_layer": kept.mean(0).tolist(),
                 "kv_cache_bytes": cache_nbytes(getattr(output, "past_key_values", None)),
+                "prefill_ms": self._clock() - self._t0,
+                "decode_tokens": 0,
+                "decode_ms": 0.0,
             }
             st.phase = "decode" if getattr(output, "past_key_values", None) is not None else "prefill"
             st.decoded = 0
@@ -345,4 +358,6 @@ class Pipeline:
                 self.state = None
         else:
             st.decoded += st.scratch.get("step_tokens", 1)
+            self.stats["decode_tokens"] = st.decoded
+            self.stats["decode_ms"] = self.stats.get("decode_ms", 0.0) + self._clock() - self._t0
         return output
