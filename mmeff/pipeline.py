@@ -20,9 +20,11 @@ Per forward call (``model(...)`` or one ``generate`` step):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,6 +53,7 @@ class Pipeline:
         self._encoder_inputs: dict[str, Any] = {}
         self._patched: list[tuple[Any, str]] = []
         self._t0 = 0.0
+        self._suspended = False
         self.validate()
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -127,6 +130,8 @@ class Pipeline:
 
             @functools.wraps(original)
             def recorder(*args: Any, __original: Any = original, **kwargs: Any) -> Any:
+                if self._suspended:
+                    return __original(*args, **kwargs)
                 bound = inspect.signature(__original).bind_partial(*args, **kwargs).arguments
                 self._encoder_inputs.update({k: v for k, v in bound.items() if k != "kwargs"})
                 return __original(*args, **kwargs)
@@ -147,6 +152,17 @@ class Pipeline:
         self.state = None
 
     # -- hooks ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run the model inside a hook as if unwrapped (e.g. a method's extra no-image or noised-image forward):
+        every mmeff hook passes through, and the current generation's state is restored afterwards."""
+        saved, saved_stats, saved_enc = self.state, self.stats, self._encoder_inputs
+        self.state, self._suspended = None, True
+        try:
+            yield
+        finally:
+            self.state, self.stats, self._encoder_inputs, self._suspended = saved, saved_stats, saved_enc, False
+
     def _clock(self) -> float:
         """Wall time in ms, after the device's queued work (timings of what the user waits for)."""
         device = next(self.adapter.language_model.parameters()).device
@@ -158,6 +174,8 @@ class Pipeline:
         return self.state.phase if self.state is not None else "prefill"
 
     def _top_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._suspended:
+            return
         inputs = self._signature.bind_partial(*args, **kwargs).arguments
         inputs.update(inputs.pop("kwargs", {}) or {})
         cache = inputs.get("past_key_values")
@@ -334,7 +352,7 @@ class Pipeline:
 
     def _top_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         st = self.state
-        if st is None:
+        if st is None or self._suspended:
             return None
         inputs = self._signature.bind_partial(*args, **kwargs).arguments
         for m in self.methods:

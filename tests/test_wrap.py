@@ -154,3 +154,19 @@ def test_preset_file(tmp_path, family_model):
                     f'[mine.families.{family}]\nratio = 0.75\n')
     with mmeff.wrap(model, str(path)) as handle:
         assert handle.configs == [mmeff.FastVConfig(k=1, ratio=0.75)]
+
+
+@torch.no_grad()
+def test_suspended_runs_the_unwrapped_model(family_model):
+    family, model, processor = family_model
+    inputs = batch(processor, family)
+    ref = model(**inputs).logits
+    with mmeff.wrap(model, "fastv", k=1) as handle:
+        pruned = model(**inputs).logits
+        stats = handle.stats
+        with handle.pipeline.suspended():
+            inner = model(**inputs).logits
+        assert handle.stats == stats  # the suspended call leaves the wrapper's measurements alone
+        assert stats["prefill_ms"] > 0 and stats["visual_tokens_kept"] < stats["visual_tokens_in"]
+    torch.testing.assert_close(inner, ref, rtol=0, atol=0)
+    assert not torch.allclose(pruned[:, -1], ref[:, -1])
