@@ -44,10 +44,13 @@ class AttentionCall:
     mask: torch.Tensor | None  # 4-D bool or additive, or None (causal)
     scaling: float
     extra: dict[str, Any] = field(default_factory=dict)
+    geometry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (q_pos, k_pos, k_valid)
 
     def received(self, query_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, k] attention each key receives, mean over heads and the weighted query rows (None: all rows)."""
-        return received_attention(self.query, self.key, self.mask, self.scaling, query_weights)
+        """[B, k] attention each key receives, mean over heads and the weighted query rows (None: all rows).
+
+        On CUDA this is the fused Triton kernel (positions instead of the mask, nothing materialised)."""
+        return received_attention(self.query, self.key, self.mask, self.scaling, query_weights, self.geometry)
 
 
 class AttentionHook(Protocol):
@@ -59,6 +62,9 @@ class AttentionHook(Protocol):
 
     def modify_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor: ...
 
+    def replace(self, call: AttentionCall) -> torch.Tensor | None:
+        """The layer's whole attention output [B, q, H, d] (e.g. sparse attention), or None to leave it."""
+
 
 @dataclass
 class Site:
@@ -67,6 +73,7 @@ class Site:
     layer: int
     hooks: Callable[[], list[Any]]
     phase: Callable[[], str]
+    geometry: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = lambda: None
 
 
 SITES: WeakKeyDictionary[nn.Module, Site] = WeakKeyDictionary()
@@ -126,10 +133,15 @@ def _make(base: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
         hooks = site.hooks() if site is not None else []
         if not hooks:
             return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        call = AttentionCall(module, site.layer, site.phase(), query, key, value, attention_mask, scaling, kwargs)
+        call = AttentionCall(
+            module, site.layer, site.phase(), query, key, value, attention_mask, scaling, kwargs, site.geometry()
+        )
         for hook in hooks:
             if hasattr(hook, "observe"):
                 hook.observe(call)
+        for hook in hooks:  # a replacing hook (sparse attention) takes precedence over score/prob changes
+            if hasattr(hook, "replace") and (out := hook.replace(call)) is not None:
+                return out, None
         if any(hasattr(h, "modify_scores") or hasattr(h, "modify_probs") for h in hooks):
             return _modified_eager(call, hooks, dropout, module.training)
         return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

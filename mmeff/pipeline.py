@@ -105,7 +105,8 @@ class Pipeline:
         layers = self.adapter.layers
         for i, layer in enumerate(layers):
             self.add_hook(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
-            attention.SITES[self.adapter.attention(layer)] = attention.Site(i, self._attn_hooks(i), self._phase)
+            site = attention.Site(i, self._attn_hooks(i), self._phase, self._geometry(i))
+            attention.SITES[self.adapter.attention(layer)] = site
         self.add_hook(layers[-1].register_forward_hook(self._last_layer_post))
         if any(m.overrides("head_scale") for m in self.methods):
             for i, layer in enumerate(layers):
@@ -252,6 +253,28 @@ class Pipeline:
             return out
 
         return hooks
+
+    def _geometry(self, layer: int):
+        """The layer's visibility as positions: key j is visible to query i iff k_pos[j] <= q_pos[i] and
+        k_valid[j] (what the fused statistics kernel takes instead of a mask)."""
+
+        def geometry() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+            st = self.state
+            if st is None:
+                return None
+            g = st.group if st.phase == "prefill" else st.group_for(layer)
+            pad = st.attention_mask
+            valid = g.valid if pad is None else g.valid & torch.gather(pad.bool(), 1, g.index)
+            if st.phase == "prefill":
+                return g.index, g.index, valid
+            q = st.scratch.get("step_tokens", 1)
+            start = st.n_prompt + st.decoded
+            new = torch.arange(st.n_prompt, start + q, device=g.index.device).expand(g.index.shape[0], -1)
+            k_pos = torch.cat([g.index, new], 1)
+            k_valid = torch.cat([valid, torch.ones_like(new, dtype=torch.bool)], 1)
+            return new[:, -q:], k_pos, k_valid
+
+        return geometry
 
     def _layer_pre(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

@@ -117,7 +117,8 @@ class Adapter:
         return self.base.vision_tower
 
     def vision_layers(self) -> nn.ModuleList:
-        return self.vision_tower.vision_model.encoder.layers
+        tower = self.vision_tower  # CLIPVisionModel holds the encoder itself in transformers 5.x
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     def vision_attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn

@@ -1,9 +1,42 @@
 """Attention received per key, without materialising the whole attention matrix at once.
 
-``received_attention`` dispatches to the Triton kernel on CUDA when one is available and to the torch
-reference otherwise.
+``received_attention`` dispatches to the Triton kernel (``triton.py``) for CUDA tensors when Triton is importable
+and the visibility pattern is given as positions (``geometry``), and to the torch reference (``reference.py``)
+otherwise.
 """
 
-from mmeff.kernels.attention_stats.reference import attention_probs, received_attention
+from __future__ import annotations
 
-__all__ = ["attention_probs", "received_attention"]
+import torch
+
+from mmeff.kernels.attention_stats.reference import attention_probs
+from mmeff.kernels.attention_stats.reference import received_attention as received_attention_reference
+
+Geometry = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (q_pos [B, q], k_pos [B, k], k_valid [B, k])
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def received_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    query_weights: torch.Tensor | None = None,
+    geometry: Geometry | None = None,
+) -> torch.Tensor:
+    """[B, k] attention each key receives, mean over heads and the weighted query rows."""
+    if geometry is not None and query.is_cuda and triton_available():
+        from mmeff.kernels.attention_stats.triton import received_attention_triton
+
+        return received_attention_triton(query, key, *geometry, scaling, query_weights)
+    return received_attention_reference(query, key, mask, scaling, query_weights)
+
+
+__all__ = ["attention_probs", "received_attention", "received_attention_reference", "triton_available"]
