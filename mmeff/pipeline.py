@@ -164,6 +164,11 @@ class Pipeline:
         finally:
             self.state, self.stats, self._encoder_inputs, self._suspended = saved, saved_stats, saved_enc, False
 
+    @property
+    def is_suspended(self) -> bool:
+        """True inside :meth:`suspended` (a method's extra forward of the unwrapped model is running)."""
+        return self._suspended
+
     def _clock(self) -> float:
         """Wall time in ms, after the device's queued work (timings of what the user waits for)."""
         device = next(self.adapter.language_model.parameters()).device

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from mmeff.cli import info
+from mmeff.cli import bench, eval, info, score, train, tune
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="mmeff: cheaper, less hallucinating VLMs.")
 info.register(app)
+train.register(app)
+eval.register(app)
+score.register(app)
+bench.register(app)
+tune.register(app)
 
 
 def main() -> None:

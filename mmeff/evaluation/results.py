@@ -1,0 +1,185 @@
+"""``results.json`` (schema below), ``results.md`` and the per-preset files of an evaluation run.
+
+Schema ``mmeff.eval/1`` (fractions for POPE and CHAIR, MME scores in points)::
+
+    {"schema": "mmeff.eval/1", "model": str, "family": str, "data": "synthetic:<path>" | "real:<path>",
+     "limit": int | null, "batch_size": int, "dtype": str | null,
+     "generation": {"pope_max_new_tokens": 16, "chair_max_new_tokens": int, "mme_max_new_tokens": 16,
+                    "do_sample": false, "num_beams": 1},
+     "tasks": [task, ...], "bootstrap": {"n_boot": int, "confidence": 0.95, "seed": 0},
+     "timing_fields": ["prefill_ms", "tokens_per_s", "peak_memory_bytes"],
+     "runs": [{"preset": str,
+               "tasks": {"pope_random": {"accuracy", "precision", "recall", "f1", "yes_ratio", "n", "cost"}, ...,
+                         "chair": {"chair_s", "chair_i", "recall", "len", "n", "cost"},
+                         "mme": {"perception", "cognition", "subtasks": {name: {acc, acc_plus, score, ...}},
+                                 "n", "cost"}},
+               "cost": {"visual_tokens_in", "visual_tokens_kept", "kv_cache_bytes", "prefill_ms",
+                        "tokens_per_s", "peak_memory_bytes", "new_tokens", "n"},
+               "delta": {task: {metric: {"delta", "lo", "hi"}}}}]}   # absent on the "none" row
+
+``cost``: means per sample over all the run's samples (per task under each task), except tokens_per_s
+(generated tokens / generation time) and peak_memory_bytes (the maximum; null on CPU). ``delta``: preset minus
+``none`` with the 95% paired-bootstrap interval over the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bootstrap import paired_bootstrap
+from .tasks import HEADLINE, POPE_TASKS, SHORT_ANSWER_TOKENS, Sample, Scored
+
+SCHEMA = "mmeff.eval/1"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_PNG = "accuracy_vs_tokens.png"
+TIMING_FIELDS = ("prefill_ms", "tokens_per_s", "peak_memory_bytes")
+
+
+def cost_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    n = len(records)
+    gen_s = sum(r["generate_ms"] / r["batch_size"] for r in records) / 1000
+    peaks = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes") is not None]
+    prefill = [r["prefill_ms"] for r in records if r.get("prefill_ms") is not None]
+    return {
+        "visual_tokens_in": float(np.mean([r["visual_tokens_in"] for r in records])),
+        "visual_tokens_kept": float(np.mean([r["visual_tokens_kept"] for r in records])),
+        "kv_cache_bytes": float(np.mean([r["kv_cache_bytes"] for r in records])),
+        "prefill_ms": float(np.mean(prefill)) if prefill else None,
+        "tokens_per_s": sum(r["new_tokens"] for r in records) / gen_s if gen_s > 0 else None,
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "new_tokens": float(np.mean([r["new_tokens"] for r in records])),
+        "n": n,
+    }
+
+
+def deltas(task: str, base: Scored, other: Scored, n_boot: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, metric in HEADLINE[task].items():
+        d, lo, hi = paired_bootstrap(base.matrix, other.matrix, metric, n_boot=n_boot, seed=0)
+        out[name] = {"delta": d, "lo": lo, "hi": hi}
+    return out
+
+
+def build_results(cfg: Any, family: str, data: str,
+                  rows: Sequence[tuple[str, dict[str, tuple[Scored, list[dict[str, Any]]]]]],
+                  n_boot: int) -> dict[str, Any]:
+    """``rows``: per preset (``none`` first), per task the scored answers and the sample-log records."""
+    if not rows or rows[0][0] != "none":
+        raise ValueError("the first row must be the 'none' baseline")
+    base = rows[0][1]
+    runs = []
+    for preset, per_task in rows:
+        tasks = {t: {**scored.metrics, "cost": cost_summary(recs)} for t, (scored, recs) in per_task.items()}
+        run: dict[str, Any] = {"preset": preset, "tasks": tasks,
+                               "cost": cost_summary([r for _, recs in per_task.values() for r in recs])}
+        if preset != "none":
+            run["delta"] = {t: deltas(t, base[t][0], scored, n_boot) for t, (scored, _) in per_task.items()}
+        runs.append(run)
+    return {
+        "schema": SCHEMA, "model": cfg.model, "family": family, "data": data, "limit": cfg.limit,
+        "batch_size": cfg.batch_size, "dtype": cfg.dtype,
+        "generation": {"pope_max_new_tokens": SHORT_ANSWER_TOKENS, "chair_max_new_tokens": cfg.chair_max_new_tokens,
+                       "mme_max_new_tokens": SHORT_ANSWER_TOKENS, "do_sample": False, "num_beams": 1},
+        "tasks": list(rows[0][1]), "bootstrap": {"n_boot": n_boot, "confidence": 0.95, "seed": 0},
+        "timing_fields": list(TIMING_FIELDS), "runs": runs,
+        "_details": {preset: {t: s.details for t, (s, _) in pt.items() if s.details is not None}
+                     for preset, pt in rows},
+    }
+
+
+def strip_timing(obj: Any) -> Any:
+    """A copy without the timing fields (for comparing runs)."""
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_FIELDS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+# -- markdown --------------------------------------------------------------------------------------------------
+def _headline(task: str, m: dict[str, Any]) -> list[tuple[str, str]]:
+    if task in POPE_TASKS:
+        short = task.removeprefix("pope_")
+        return [(f"POPE {short} acc", f"{100 * m['accuracy']:.1f}"), (f"POPE {short} F1", f"{100 * m['f1']:.1f}")]
+    if task == "chair":
+        return [("CHAIR_S", f"{100 * m['chair_s']:.1f}"), ("CHAIR_I", f"{100 * m['chair_i']:.1f}"),
+                ("CHAIR recall", f"{100 * m['recall']:.1f}")]
+    return [("MME perception", f"{m['perception']:.1f}"), ("MME cognition", f"{m['cognition']:.1f}")]
+
+
+def _fmt(v: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    return "–" if v is None else f"{v * scale:.{digits}f}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = [f"# mmeff eval: {results['model']} ({results['family']})", "",
+             f"Data: `{results['data']}`; limit: {results['limit']}; batch size {results['batch_size']}; "
+             f"CHAIR max new tokens {results['generation']['chair_max_new_tokens']}. "
+             "POPE/CHAIR in %, MME in points; cost = mean per sample.", ""]
+    head: list[str] = ["preset"]
+    table = []
+    for run in results["runs"]:
+        cells = [run["preset"]]
+        cols = ["preset"]
+        for task, m in run["tasks"].items():
+            for name, value in _headline(task, m):
+                cols.append(name)
+                cells.append(value)
+        c = run["cost"]
+        cols += ["visual tokens kept", "KV cache (MB)", "prefill (ms)", "tokens/s"]
+        cells += [f"{c['visual_tokens_kept']:.1f} / {c['visual_tokens_in']:.1f}", _fmt(c["kv_cache_bytes"], 1e-6, 3),
+                  _fmt(c["prefill_ms"]), _fmt(c["tokens_per_s"])]
+        head = cols
+        table.append(cells)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    delta_rows = [r for r in results["runs"] if "delta" in r]
+    if delta_rows:
+        lines += ["", f"## Change vs `none` (95% paired-bootstrap CI, {results['bootstrap']['n_boot']} resamples)", ""]
+        cols = [(t, k) for t, ms in delta_rows[0]["delta"].items() for k in ms]
+        lines += ["| preset | " + " | ".join(f"{t} {k}" for t, k in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        for r in delta_rows:
+            cells = []
+            for t, k in cols:
+                d = r["delta"][t][k]
+                scale = 1.0 if t == "mme" else 100.0
+                cells.append(f"{d['delta'] * scale:+.1f} [{d['lo'] * scale:+.1f}, {d['hi'] * scale:+.1f}]")
+            lines.append(f"| {r['preset']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_all(output: Path, results: dict[str, Any], samples: dict[str, list[Sample]] | None = None) -> None:
+    """results.json, results.md and the plot; with ``samples`` (``--log-samples``) also the CHAIR per-caption
+    word lists as ``samples/<preset>/chair_words.json`` in the official evaluator's output format."""
+    from .plots import plot_accuracy_vs_tokens
+
+    details = results.pop("_details", {})
+    if samples is not None:
+        from .runner import log_path
+
+        for preset, per_task in details.items():
+            if "chair" in per_task:
+                run = next(r for r in results["runs"] if r["preset"] == preset)
+                m = run["tasks"]["chair"]
+                doc = {"overall_metrics": {"CHAIRs": m["chair_s"], "CHAIRi": m["chair_i"], "Recall": m["recall"],
+                                           "Len": m["len"]}, "sentences": per_task["chair"]}
+                atomic_write_text(log_path(output, preset, "chair").with_name("chair_words.json"),
+                                  json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(output / RESULTS_JSON, json.dumps(results, indent=1) + "\n")
+    atomic_write_text(output / RESULTS_MD, render_markdown(results))
+    plot_accuracy_vs_tokens(results, output / PLOT_PNG)

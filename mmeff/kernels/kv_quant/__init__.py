@@ -1,0 +1,103 @@
+"""Group-wise asymmetric KV quantization with bit packing (ZipVL's mixed-precision cache).
+
+``quantize_rows`` / ``dequantize_rows`` dispatch to the Triton kernels on CUDA when Triton is importable and
+to the torch reference otherwise. :func:`quantize_kv` applies them to ``[B, H, T, D]`` cache tensors:
+
+* ``axis="channel"`` (keys): each (b, h, channel) is quantized in groups of ``group`` consecutive tokens (the
+  token axis is padded to a multiple of ``group`` by repeating the last token, which leaves min/max unchanged);
+* ``axis="token"`` (values): each (b, h, token) is quantized in groups of ``min(group, D)`` channels.
+
+``bits=16`` stores the tensor unchanged (the lossless setting of the equivalence tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mmeff.kernels.kv_quant import reference
+
+try:  # Triton is an optional, GPU-only dependency
+    from mmeff.kernels.kv_quant import triton as _triton
+except ImportError:  # pragma: no cover - depends on the environment
+    _triton = None
+
+Axis = Literal["channel", "token"]
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return _triton is not None and t.is_cuda
+
+
+def quantize_rows(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _triton if _use_triton(x) else reference
+    return impl.quantize_rows(x, bits, group)
+
+
+def dequantize_rows(
+    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group: int, dtype: torch.dtype
+) -> torch.Tensor:
+    impl = _triton if _use_triton(packed) else reference
+    return impl.dequantize_rows(packed, scale, offset, bits, group, dtype)
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized ``[B, H, T, D]`` tensor: packed codes plus per-group scale and offset (or the raw tensor)."""
+
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    bits: int
+    group: int
+    axis: Axis
+    packed: torch.Tensor  # uint8 codes, or the tensor itself when bits == 16
+    scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.bits == 16:
+            return self.packed
+        b, h, t, d = self.shape
+        if t == 0:
+            return torch.empty(self.shape, dtype=self.dtype, device=self.packed.device)
+        x = dequantize_rows(self.packed, self.scale, self.offset, self.bits, self.group, self.dtype)
+        if self.axis == "token":
+            return x.view(b, h, t, d)
+        return x.view(b, h, d, -1)[..., :t].transpose(-1, -2)
+
+
+def value_group(group: int, head_dim: int) -> int:
+    """Channel group of per-token (value) quantization: ``group`` capped at the head dimension."""
+    g = min(group, head_dim)
+    if head_dim % g:
+        raise ValueError(f"kv_quant: head_dim {head_dim} is not a multiple of the group size {g}")
+    return g
+
+
+def quantize_kv(x: torch.Tensor, bits: int, group: int, axis: Axis) -> QuantizedTensor:
+    """Quantize a ``[B, H, T, D]`` key (``axis="channel"``) or value (``axis="token"``) tensor."""
+    b, h, t, d = x.shape
+    if bits == 16:
+        return QuantizedTensor((b, h, t, d), x.dtype, 16, group, axis, x.contiguous())
+    if axis == "token":
+        g = value_group(group, d)
+        rows = x.reshape(b * h * t, d)
+    elif axis == "channel":
+        g = group
+        pad = -t % g
+        xt = x.transpose(-1, -2)  # [B, H, D, T]: groups run along tokens
+        if pad and t:
+            xt = torch.cat([xt, xt[..., -1:].expand(b, h, d, pad)], -1)
+        rows = xt.reshape(b * h * d, t + (pad if t else 0))
+    else:
+        raise ValueError(f"kv_quant: axis must be 'channel' or 'token', got {axis!r}")
+    packed, scale, offset = quantize_rows(rows, bits, g)
+    return QuantizedTensor((b, h, t, d), x.dtype, bits, g, axis, packed, scale, offset)
+
+
+__all__ = ["QuantizedTensor", "dequantize_rows", "quantize_kv", "quantize_rows", "value_group"]

@@ -1,0 +1,46 @@
+"""VFlowOpt's importance-map ops: patch entropy and attention context relevance.
+
+``patch_entropy`` and ``context_relevance`` run the Triton kernels when the tensors are on CUDA and Triton
+imports, and the torch reference otherwise (CPU tests, other devices). Both give the same numbers (float32
+accumulation; ``tests/test_vflowopt_kernel.py`` pins them on a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmeff.kernels.vflowopt_score import reference
+from mmeff.kernels.vflowopt_score.reference import grey_levels
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    if not t.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def patch_entropy(levels: torch.Tensor) -> torch.Tensor:
+    """[N, P] integer grey levels (0..255) -> [N] entropy in bits."""
+    if _triton_ok(levels):
+        from mmeff.kernels.vflowopt_score import triton as kernel
+
+        return kernel.patch_entropy(levels)
+    return reference.patch_entropy(levels)
+
+
+def context_relevance(
+    q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.Tensor, unit_id: torch.Tensor, t: float
+) -> torch.Tensor:
+    """[S] context relevance of each token of a packed sequence (q, k: [H, S, D]); see ``reference``."""
+    if _triton_ok(q):
+        from mmeff.kernels.vflowopt_score import triton as kernel
+
+        return kernel.context_relevance(q, k, scale, block_id, unit_id, t)
+    return reference.context_relevance(q, k, scale, block_id, unit_id, t)
+
+
+__all__ = ["context_relevance", "grey_levels", "patch_entropy", "reference"]

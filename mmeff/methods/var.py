@@ -1,0 +1,202 @@
+"""VAR: visual attention redistribution (Kang et al., "See What You Are Told: Visual Attention Sink in Large
+Multimodal Models", ICLR 2025; official code seilk/VisAttnSink).
+
+Sink tokens. At every decoder layer, from the layer's input hidden states h_j (the residual stream)::
+
+    s_j = max_{d in D} | h_jd / rms(h_j) |         rms(h) = sqrt(mean_d h_d^2 + 1e-6), D = the sink dimensions
+    sink_j = s_j > tau                                                          (tau = 20)
+
+D is a property of the language model (LLaMA-2-7B / Vicuna-7B: {2533, 1415}); :func:`discover_sink_dims`
+finds it for any model (massive activations over a calibration set) and the family presets store it.
+
+Head/row selection (per sample b, head h, query row i, on the softmax attention A)::
+
+    img_i   = sum_{j visual} A_ij
+    share_i = sum_{j visual sink} A_ij / (sum_{j visual} (A_ij + 1e-6))
+    selected iff share_i <= rho (0.5) and img_i >= summ (0.2) and the image has at least one visual sink
+
+Redistribution on the selected rows (keeps each row a distribution)::
+
+    A_ij <- p * A_ij                                          j any sink (visual or text, e.g. BOS)
+    A_ij <- A_ij + (1 - p) * S_i * A_ij / sum_{k non-sink visual} A_ik      j non-sink visual
+    S_i  = sum_{j sink} A_ij                                                  (p = 0.6)
+
+As in the official code: layers ``start_layer`` (2) .. L-2 (the last layer only with ``include_last``), query
+rows after the sample's last image token in prefill, every row in decode (``decode=False`` limits VAR to the
+prefill). Only the layers VAR modifies take the eager path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmeff.attention import AttentionCall
+from mmeff.config import MethodConfig, register_method
+from mmeff.errors import ConfigError
+from mmeff.methods._halluc import key_flags
+from mmeff.methods.base import Method, Point
+from mmeff.pipeline import Pipeline
+from mmeff.state import State
+
+
+@dataclass(frozen=True)
+class VARConfig(MethodConfig):
+    method = "var"
+    sink_dims: tuple[int, ...] = ()
+    tau: float = 20.0
+    rho: float = 0.5
+    summ: float = 0.2
+    p: float = 0.6
+    start_layer: int = 2
+    include_last: bool = False
+    decode: bool = True
+
+
+def sink_scores(hidden: torch.Tensor, dims: Sequence[int], eps: float = 1e-6) -> torch.Tensor:
+    """[..., L] sink score max_{d in dims} |h_d / rms(h)| of hidden states [..., L, D] (float32)."""
+    h = hidden.float()
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return normed[..., list(dims)].abs().amax(-1)
+
+
+def redistribute(
+    probs: torch.Tensor,
+    visual: torch.Tensor,
+    sink: torch.Tensor,
+    rows: torch.Tensor,
+    rho: float,
+    summ: float,
+    p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAR on softmax attention ``probs`` [B, H, q, K]; ``visual`` / ``sink`` [B, K] key flags, ``rows`` [B, q]
+    eligible query rows. Returns (new probs, selected [B, H, q])."""
+    vis = visual[:, None, None, :].to(probs.dtype)
+    vsink = (visual & sink)[:, None, None, :].to(probs.dtype)
+    sinks = sink[:, None, None, :]
+    img = (probs * vis).sum(-1)
+    share = (probs * vsink).sum(-1) / (img + 1e-6 * vis.sum(-1))
+    other = probs * (visual & ~sink)[:, None, None, :].to(probs.dtype)
+    other_sum = other.sum(-1)
+    has_vsink = (visual & sink).any(1)[:, None, None]
+    selected = (share <= rho) & (img >= summ) & rows[:, None, :] & has_vsink & (other_sum > 0)
+    budget = (1.0 - p) * (probs * sinks.to(probs.dtype)).sum(-1, keepdim=True)
+    new = torch.where(sinks, probs * p, probs) + budget * other / other_sum.clamp_min(1e-30)[..., None]
+    return torch.where(selected[..., None], new, probs), selected
+
+
+class _Redistribute:
+    def __init__(self, method: VAR, state: State) -> None:
+        self.method, self.state = method, state
+
+    def modify_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
+        st, c = self.state, self.method.config
+        k_len = probs.shape[-1]
+        sink_orig = st.scratch["var"]["sink"][call.layer]
+        visual = key_flags(st, call.layer, k_len, st.visual)
+        sink = key_flags(st, call.layer, k_len, sink_orig)
+        if st.phase == "prefill":
+            g = st.group_for(call.layer)
+            last_vis = torch.where(st.visual, torch.arange(st.n_prompt, device=st.visual.device), -1).amax(1)
+            rows = (g.index > last_vis[:, None]) & g.valid
+            if st.attention_mask is not None:
+                rows &= torch.gather(st.attention_mask.bool(), 1, g.index)
+        else:
+            rows = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)
+        out, selected = redistribute(probs, visual.to(probs.device), sink.to(probs.device), rows.to(probs.device),
+                                     c.rho, c.summ, c.p)
+        st.scratch["var"]["selected"][call.layer] = selected
+        return out
+
+
+class VAR(Method):
+    points = frozenset({Point.LAYER})
+
+    config: VARConfig
+
+    def validate(self, n_layers: int) -> None:
+        c = self.config
+        if not c.sink_dims:
+            raise ConfigError(
+                f"var: no sink_dims for family {self.adapter.family!r}; find them with "
+                "mmeff.methods.var.discover_sink_dims(model, processor, samples) and set sink_dims "
+                "(presets: [var.families.<family>] sink_dims = [...])"
+            )
+        hidden = self.adapter.text_config.hidden_size
+        bad = [d for d in c.sink_dims if not 0 <= d < hidden]
+        if bad:
+            raise ConfigError(f"var: sink_dims {bad} outside the decoder's hidden size {hidden}")
+        if not 0 <= c.start_layer < n_layers:
+            raise ConfigError(f"var: start_layer must be in [0, {n_layers - 1}], got {c.start_layer}")
+        if not 0.0 <= c.p <= 1.0:
+            raise ConfigError(f"var: p must be in [0, 1], got {c.p}")
+        self.n_layers = n_layers
+
+    def _active(self, layer: int, state: State) -> bool:
+        c = self.config
+        last = self.n_layers if c.include_last else self.n_layers - 1
+        return c.start_layer <= layer < last and (state.phase == "prefill" or c.decode)
+
+    def attach(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        for i, layer in enumerate(self.adapter.layers):
+            pipeline.add_hook(layer.register_forward_pre_hook(self._detect(i), with_kwargs=True))
+
+    def _detect(self, layer: int):
+        """Layer pre-hook (after the pipeline's, so hidden states are the layer's slots): sink flags."""
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            st = self.pipeline.state
+            if st is None or not self._active(layer, st):
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            flags = sink_scores(hidden, self.config.sink_dims) > self.config.tau
+            data = st.scratch.setdefault("var", {"sink": {}, "selected": {}})
+            if st.phase == "prefill":
+                g = st.group_for(layer)
+                sink = torch.zeros(st.visual.shape, dtype=torch.bool, device=flags.device)
+                data["sink"][layer] = sink.scatter(1, g.index, flags & g.valid)
+            else:
+                data["sink"][layer] = torch.cat([data["sink"][layer], flags], 1)
+
+        return hook
+
+    def attention_hooks(self, layer: int, state: State) -> list[Any]:
+        if self._active(layer, state):
+            return [_Redistribute(self, state)]
+        return []
+
+
+@torch.no_grad()
+def discover_sink_dims(model: torch.nn.Module, processor: Any, samples: Sequence[tuple[str, Any]], k: int = 2,
+                       start_layer: int = 2) -> list[int]:
+    """The ``k`` sink dimensions of a model's decoder: the dims of massive activations.
+
+    Each sample (text, PIL image) runs once (unwrapped, ``output_hidden_states``); per layer input from
+    ``start_layer`` on, every dim's largest |h_d / rms(h)| over the sample's real tokens is taken, averaged
+    over layers and samples; the ``k`` dims with the largest average are returned (largest first).
+    """
+    from mmeff.models.factory import make_inputs
+
+    if not samples:
+        raise ValueError("discover_sink_dims: needs at least one (text, image) sample")
+    total = None
+    for text, image in samples:
+        inputs = make_inputs(processor, [text], [[image]] if image is not None else [[]])
+        inputs = inputs.to(next(model.parameters()).device)
+        out = model(**inputs, output_hidden_states=True, use_cache=False)
+        real = inputs["attention_mask"][0].bool()
+        per_layer = []
+        for h in out.hidden_states[start_layer:-1]:  # inputs of layers start_layer..L-1
+            hf = h[0][real].float()
+            normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()
+            per_layer.append(normed.amax(0))
+        score = torch.stack(per_layer).mean(0)
+        total = score if total is None else total + score
+    return torch.topk(total, k).indices.tolist()
+
+
+register_method(VARConfig, VAR)

@@ -1,0 +1,364 @@
+"""ZipVL (He et al., arXiv 2410.08584 v1): dynamic per-layer token sparsity for prefill attention plus a
+mixed-precision KV cache, with ZipCache's (arXiv 2405.14256) normalized attention and probe queries.
+
+Per decoder layer, at prefill (our reading of the paper; items marked * were not confirmed from its text):
+
+1. *Probe queries*: ``probe_ratio`` (10%*) of the real prompt rows, ``recent_share`` (half*) of them the most
+   recent rows and the rest drawn at random (seeded). Their attention is computed by
+   :func:`mmeff.kernels.probe_scores.probe_scores` (fused kernel on CUDA) beside, not instead of, the layer's
+   SDPA, so no keys x keys matrix is ever built.
+2. *Normalized score* of key j: accumulated probe attention (mean over heads) / number of probes that see j.
+3. *Dynamic ratio*: among the candidate keys (every real token, or only visual ones with ``scope="visual"``),
+   keep the smallest set whose normalized mass reaches ``tau`` of the candidates' total (:func:`important_set`:
+   ``p = min{p : sum_{j<=p} a_sorted(j) >= tau * sum(a)}``). The recent probe window (the question's end,
+   whose last row gives the next-token logits) is always kept*, and so is every real non-candidate.
+4. *Sparse prefill attention*: queries, keys and values of the important tokens only, through SDPA on the
+   gathered tokens (causal in original positions); the attention output of the other tokens is zero*, so
+   their hidden state goes on through the residual stream and the MLP (they still reach the KV cache).
+5. *Mixed-precision cache*: important tokens at ``hi_bits`` (4), the rest at ``lo_bits`` (2) — ZipCache's
+   widths*; group-wise asymmetric quantization, keys per channel (groups of ``group_size`` tokens), values per
+   token (groups of ``group_size`` channels) — :mod:`mmeff.kernels.kv_quant`. Decoded tokens stay in full
+   precision until ``recompress_every`` (100*) of them have accumulated; the decode queries' attention to them
+   (normalized the same way) then splits them by the same ``tau`` rule and they are quantized as one block.
+
+``bits = 16`` stores a set unquantized; with ``tau = 1`` and 16 bits the model is unchanged (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from mmeff.attention import AttentionCall
+from mmeff.cache import SlotLayer
+from mmeff.config import MethodConfig, register_method
+from mmeff.errors import ConfigError
+from mmeff.kernels.attention_stats import received_attention
+from mmeff.kernels.kv_quant import QuantizedTensor, quantize_kv, value_group
+from mmeff.kernels.kv_quant.reference import SUPPORTED_BITS
+from mmeff.kernels.probe_scores import normalized_scores, probe_scores
+from mmeff.methods.base import Method, Point
+from mmeff.state import Group, State, restrict_mask, select
+
+
+@dataclass(frozen=True)
+class ZipVLConfig(MethodConfig):
+    method = "zipvl"
+    tau: float = 0.975
+    probe_ratio: float = 0.1
+    recent_share: float = 0.5
+    scope: Literal["all", "visual"] = "all"
+    start_layer: int = 0  # layers before it stay dense, their cache at hi_bits
+    sparse_prefill: bool = True
+    hi_bits: int = 4
+    lo_bits: int = 2
+    group_size: int = 32
+    recompress_every: int = 100
+    seed: int = 0
+
+
+# -- the ratio rule and the probes -------------------------------------------------------------------------------
+def important_set(scores: torch.Tensor, candidates: torch.Tensor, tau: float) -> torch.Tensor:
+    """[B, L] bool: per row, the smallest set of candidates whose score mass reaches ``tau`` of the candidates'
+    total (highest scores first; ties towards the earlier position). ``tau >= 1`` or no mass: every candidate."""
+    s = scores.float().masked_fill(~candidates, 0.0).clamp_min(0.0)
+    n_cand = candidates.sum(1)
+    order = torch.sort(s.masked_fill(~candidates, -1.0), dim=1, descending=True, stable=True).indices
+    mass = torch.gather(s, 1, order).cumsum(1)
+    total = mass[:, -1:]
+    n_keep = (mass < tau * total).sum(1) + 1
+    full = (total[:, 0] <= 0) | (tau >= 1.0)
+    n_keep = torch.where(full, n_cand, torch.minimum(n_keep, n_cand))
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    return candidates & (rank < n_keep[:, None])
+
+
+def choose_probes(
+    real: torch.Tensor, ratio: float, recent_share: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probe mask, recent-window mask), [B, L] bool each: ``ceil(ratio * n)`` of each row's ``n`` real slots,
+    ``recent_share`` of them the last real slots, the others drawn uniformly (``generator``) from the rest."""
+    probes = torch.zeros_like(real)
+    recent = torch.zeros_like(real)
+    for b in range(real.shape[0]):
+        slots = real[b].nonzero().flatten()
+        n = slots.numel()
+        if n == 0:
+            continue
+        n_probe = min(n, max(1, math.ceil(ratio * n)))
+        n_recent = min(n_probe, max(1, round(n_probe * recent_share)))
+        recent[b, slots[n - n_recent :]] = True
+        rest = slots[: n - n_recent]
+        pick = torch.randperm(rest.numel(), generator=generator)[: n_probe - n_recent].to(rest.device)
+        probes[b, rest[pick]] = True
+    return probes | recent, recent
+
+
+def _rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot positions [B, M] of the True entries, ascending, padded with position 0; validity [B, M])."""
+    count = mask.sum(1)
+    m = int(count.max()) if mask.numel() else 0
+    slot = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    order = torch.where(mask, slot, slot + mask.shape[1]).argsort(1)[:, :m]
+    valid = torch.arange(m, device=mask.device)[None, :] < count[:, None]
+    return torch.where(valid, order, 0), valid
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather [B, H, T, D] along T by a per-sample index [B, M]."""
+    return torch.gather(x, 2, index[:, None, :, None].expand(x.shape[0], x.shape[1], index.shape[1], x.shape[3]))
+
+
+# -- the mixed-precision cache -----------------------------------------------------------------------------------
+@dataclass
+class _Part:
+    """One precision class of a block: the tokens' places in the block (padding -> the block's dummy slot)."""
+
+    index: torch.Tensor  # [B, M] int32
+    keys: QuantizedTensor
+    values: QuantizedTensor
+
+    def nbytes(self) -> int:
+        return self.index.numel() * self.index.element_size() + self.keys.nbytes() + self.values.nbytes()
+
+
+@dataclass
+class _Block:
+    length: int
+    parts: list[_Part]
+
+
+class ZipVLCacheLayer(SlotLayer):
+    """A cache layer holding quantized blocks (important tokens at ``hi_bits``, the rest at ``lo_bits``)
+    followed by a full-precision buffer of the newest decoded tokens (``self.keys`` / ``self.values``).
+
+    ``update`` returns the whole layer dequantized, as transformers expects; ``nbytes`` counts the packed
+    codes, scales, offsets, token indices and the buffer — what the layer really holds.
+    """
+
+    def __init__(self, config: ZipVLConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks: list[_Block] = []
+        self.n_quantized = 0
+        self.score_acc: torch.Tensor | None = None  # [B, buffer]: decode attention received by buffered tokens
+        self.score_cnt: torch.Tensor | None = None
+
+    # length bookkeeping: the buffer is self.keys, the blocks come before it
+    def stored_length(self) -> int:
+        buffered = self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
+        return self.n_quantized + buffered
+
+    def get_seq_length(self) -> int:
+        stored = self.stored_length()
+        return stored + self.removed if stored or self.removed else 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:  # prefill: held in full precision until the hook decides importance
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return self.keys, self.values
+        buffered = self.keys.shape[-2]
+        if buffered >= self.config.recompress_every and self.score_acc is not None and self.blocks:
+            self.compress(important_set(normalized_scores(self.score_acc, self.score_cnt),
+                                        torch.ones_like(self.score_acc, dtype=torch.bool), self.config.tau))
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.blocks:  # decode: start scoring the new tokens
+            new = key_states.new_zeros(key_states.shape[0], key_states.shape[-2], dtype=torch.float32)
+            self.score_acc = new if self.score_acc is None else torch.cat([self.score_acc, new], 1)
+            self.score_cnt = new.clone() if self.score_cnt is None else torch.cat([self.score_cnt, new], 1)
+        return self.full()
+
+    def compress(self, important: torch.Tensor) -> None:
+        """Quantize the whole buffer as one block: ``important`` [B, buffer] at hi_bits, the rest at lo_bits."""
+        c = self.config
+        k, v = self.keys, self.values
+        length = k.shape[-2]
+        value_group(c.group_size, k.shape[-1])  # fail early with a clear message
+        parts = []
+        for bits, members in ((c.hi_bits, important), (c.lo_bits, ~important)):
+            if not bool(members.any()):
+                continue
+            index, valid = _rows(members)
+            # padding entries repeat a member of the same set (the ranges stay the set's) and land in the dummy slot
+            last = torch.gather(index, 1, (valid.sum(1, keepdim=True) - 1).clamp_min(0))
+            gather_at = torch.where(valid, index, last)
+            parts.append(_Part(
+                torch.where(valid, index, length).to(torch.int32),
+                quantize_kv(_gather_tokens(k, gather_at), bits, c.group_size, "channel"),
+                quantize_kv(_gather_tokens(v, gather_at), bits, c.group_size, "token"),
+            ))
+        self.blocks.append(_Block(length, parts))
+        self.n_quantized += length
+        self.keys, self.values = k[..., :0, :], v[..., :0, :]
+        self.score_acc = self.score_cnt = None
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token, dequantized, in stored order: [B, Hkv, stored, D] keys and values."""
+        if not self.blocks:
+            return self.keys, self.values
+        ks, vs = [], []
+        for block in self.blocks:
+            b, h, _, d = self.keys.shape
+            kb = self.keys.new_zeros(b, h, block.length + 1, d)
+            vb = self.values.new_zeros(b, h, block.length + 1, d)
+            for part in block.parts:
+                idx = part.index.long()[:, None, :, None].expand(b, h, part.index.shape[1], d)
+                kb.scatter_(2, idx, part.keys.dequantize().to(kb.dtype))
+                vb.scatter_(2, idx, part.values.dequantize().to(vb.dtype))
+            ks.append(kb[..., : block.length, :])
+            vs.append(vb[..., : block.length, :])
+        return torch.cat([*ks, self.keys], -2), torch.cat([*vs, self.values], -2)
+
+    def add_scores(self, call: AttentionCall) -> None:
+        """Decode: add the attention the buffered tokens received from this step's queries (for recompression)."""
+        if self.score_acc is None:
+            return
+        nbuf = self.score_acc.shape[1]
+        q = call.query.shape[2]
+        rows = received_attention(call.query, call.key, call.mask, call.scaling) * q  # summed over rows
+        self.score_acc += rows[:, -nbuf:]
+        # row r (0-based among this step's q) sees buffered token j iff j <= nbuf - q + r
+        seen = (torch.arange(nbuf, device=rows.device)[:, None] <= torch.arange(nbuf - q, nbuf, device=rows.device))
+        self.score_cnt += seen.sum(1).float()[None, :]
+
+    def nbytes(self) -> int:
+        if not self.is_initialized or self.keys is None:
+            return 0
+        total = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return total + sum(p.nbytes() for block in self.blocks for p in block.parts)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("zipvl: the quantized cache cannot be cropped (assisted generation)")
+
+    def reset(self) -> None:
+        self.blocks, self.n_quantized = [], 0
+        self.score_acc = self.score_cnt = None
+        super().reset()
+
+
+# -- the attention hooks -----------------------------------------------------------------------------------------
+class _Prefill:
+    """Importance from the probe queries, then (maybe) sparse attention, and the cache's precision split."""
+
+    def __init__(self, method: ZipVL, layer: int, state: State) -> None:
+        self.method, self.layer, self.state = method, layer, state
+
+    def replace(self, call: AttentionCall) -> torch.Tensor | None:
+        c, st = self.method.config, self.state
+        g = st.group
+        real = g.valid.clone()
+        if st.attention_mask is not None:
+            real &= torch.gather(st.attention_mask.bool().to(real.device), 1, g.index)
+        if self.layer < c.start_layer:
+            important = real.clone()
+            recent = torch.zeros_like(real)
+        else:
+            important, recent = self.method.importance(call, st, g, real, self.layer)
+        cache = self.method.layers.get(self.layer)
+        if cache is not None and cache.stored_length() == call.key.shape[2] and not cache.blocks:
+            cache.compress(important.to(call.key.device))
+        self.method.record(self.layer, important, real)
+        if not c.sparse_prefill or bool((important | ~real).all()):
+            return None
+        return sparse_attention(call, important | recent, g)
+
+
+class _DecodeScores:
+    def __init__(self, cache: ZipVLCacheLayer) -> None:
+        self.cache = cache
+
+    def observe(self, call: AttentionCall) -> None:
+        self.cache.add_scores(call)
+
+
+def sparse_attention(call: AttentionCall, keep: torch.Tensor, g: Group) -> torch.Tensor:
+    """Attention among the ``keep`` [B, L] slots only (causal in original positions, the layer's mask
+    gathered), through SDPA on the gathered tokens; rows of the other slots are zero. [B, L, H, d]."""
+    b, _h, n, _d = call.query.shape
+    slots = Group(0, torch.arange(n, device=keep.device).expand(b, n), torch.ones_like(keep))
+    sub = select(slots, keep, 0)  # ragged rows padded with distinct fill slots
+    order, valid = sub.order, sub.valid
+    orig = torch.gather(g.index, 1, order)
+    mask = restrict_mask(call.mask, order, order, valid, order.shape[1], (orig, orig))
+    q, k, v = (_gather_tokens(t, order) for t in (call.query, call.key, call.value))
+    out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](call.module, q, k, v, mask, scaling=call.scaling, dropout=0.0)
+    full = out.new_zeros(b, n, out.shape[2], out.shape[3])
+    out = out * valid[:, :, None, None].to(out.dtype)
+    return full.scatter_(1, order[:, :, None, None].expand_as(out), out)
+
+
+class ZipVL(Method):
+    points = frozenset({Point.LAYER, Point.CACHE})
+
+    config: ZipVLConfig
+
+    def __init__(self, config: ZipVLConfig, adapter: Any) -> None:
+        super().__init__(config, adapter)
+        self.layers: dict[int, ZipVLCacheLayer] = {}
+        self.last_stats: dict[str, Any] = {}
+        self._important: dict[int, float] = {}
+
+    def validate(self, n_layers: int) -> None:
+        c = self.config
+        if not 0.0 < c.tau <= 1.0:
+            raise ConfigError(f"zipvl: tau must be in (0, 1], got {c.tau}")
+        if not 0.0 < c.probe_ratio <= 1.0 or not 0.0 <= c.recent_share <= 1.0:
+            raise ConfigError(f"zipvl: probe_ratio must be in (0, 1] and recent_share in [0, 1], got "
+                              f"{c.probe_ratio}, {c.recent_share}")
+        for name in ("hi_bits", "lo_bits"):
+            if getattr(c, name) not in (*SUPPORTED_BITS, 16):
+                raise ConfigError(f"zipvl: {name} must be one of {(*SUPPORTED_BITS, 16)}, got {getattr(c, name)}")
+        if c.lo_bits > c.hi_bits:
+            raise ConfigError(f"zipvl: lo_bits ({c.lo_bits}) must not exceed hi_bits ({c.hi_bits})")
+        if c.group_size < 4 or c.group_size & (c.group_size - 1):
+            raise ConfigError(f"zipvl: group_size must be a power of two >= 4, got {c.group_size}")
+        if c.recompress_every < 1 or not 0 <= c.start_layer <= n_layers:
+            raise ConfigError(f"zipvl: recompress_every must be >= 1 and start_layer in [0, {n_layers}]")
+        if c.scope not in ("all", "visual"):
+            raise ConfigError(f"zipvl: scope must be 'all' or 'visual', got {c.scope!r}")
+
+    def begin(self, state: State, inputs: dict[str, Any]) -> None:
+        self.layers = {}  # cache_layer() fills it at this prefill, if a cache is in use
+        self._important = {}
+
+    def cache_layer(self, layer: int) -> ZipVLCacheLayer:
+        obj = ZipVLCacheLayer(self.config)
+        self.layers[layer] = obj
+        return obj
+
+    def attention_hooks(self, layer: int, state: State) -> list[Any]:
+        if state.phase == "prefill":
+            return [_Prefill(self, layer, state)]
+        cache = self.layers.get(layer)
+        return [_DecodeScores(cache)] if cache is not None and cache.blocks else []
+
+    def importance(
+        self, call: AttentionCall, st: State, g: Group, real: torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(important [B, L], recent probe window [B, L]) of this layer's slots."""
+        c = self.config
+        gen = torch.Generator().manual_seed(c.seed * 100_003 + layer)
+        probes, recent = choose_probes(real.cpu(), c.probe_ratio, c.recent_share, gen)
+        probes, recent = probes.to(real.device), recent.to(real.device)
+        pos, weight = _rows(probes)
+        query = _gather_tokens(call.query, pos)
+        acc, count = probe_scores(query, call.key, pos, weight.float(), real, call.scaling)
+        cand = real if c.scope == "all" else real & st.visual_in_group(g)
+        important = important_set(normalized_scores(acc, count), cand, c.tau)
+        return important | recent | (real & ~cand), recent
+
+    def record(self, layer: int, important: torch.Tensor, real: torch.Tensor) -> None:
+        frac = (important & real).sum(1).float() / real.sum(1).clamp_min(1).float()
+        self._important[layer] = frac.mean().item()
+        ratios = [self._important[i] for i in sorted(self._important)]
+        self.last_stats = {"important_ratio_per_layer": ratios, "important_ratio": sum(ratios) / len(ratios)}
+
+
+register_method(ZipVLConfig, ZipVL)

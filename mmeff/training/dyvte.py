@@ -1,0 +1,170 @@
+"""Training of the DyVTE routers on a frozen VLM, with labels built on the fly.
+
+Each step takes a fresh teacher-forced batch (prompt + answer), picks one exit layer ``k`` uniformly from
+``min_layer .. L-1`` and runs the batch twice, both as single prefill forwards without cache:
+
+* full: the unchanged model; a pre-hook on layer ``k`` records the hidden states entering it (the
+  router's input, :func:`mmeff.methods.dyvte.router_features` on the prompt part);
+* exit: the same batch through the mmeff pipeline with a temporary method (:class:`ForcedExit`) whose keep
+  mask before layer ``k`` drops every visual slot — exactly what an exit at ``k`` does at inference.
+
+:func:`exit_labels` turns the two into labels: exit = 1 iff the greedy answer-token predictions agree on
+more than ``agree`` (0.99) of the answer positions and the answer loss is below ``tol`` (1.03) x the full
+loss. Only router ``k`` gets a cross-entropy step; every other parameter stays frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.nn import functional as F
+
+from mmeff.api import handle_of
+from mmeff.config import MethodConfig
+from mmeff.errors import MmeffError
+from mmeff.methods.base import Method, Point
+from mmeff.methods.dyvte import DyVTERouters, router_features, text_after_image
+from mmeff.models import adapter_for
+from mmeff.pipeline import Pipeline
+from mmeff.state import State
+from mmeff.training.data import Batch, Example, make_batch
+
+Progress = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class _ForcedExitConfig(MethodConfig):
+    method: ClassVar[str] = "dyvte-forced-exit"  # never registered: used only inside the trainer
+    layer: int = 1
+
+
+class ForcedExit(Method):
+    """Drops every visual slot of every sample before decoder layer ``config.layer``."""
+
+    points = frozenset({Point.LAYER})
+    config: _ForcedExitConfig
+
+    def select(self, layer: int, state: State, hidden: torch.Tensor) -> torch.Tensor | None:
+        if layer != self.config.layer:
+            return None
+        return ~state.visual_in_group(state.group)
+
+
+@contextlib.contextmanager
+def forced_exit(model: Any, layer: int) -> Iterator[None]:
+    """The model with all visual tokens removed from decoder layer ``layer`` on (a temporary pipeline)."""
+    if handle_of(model) is not None:
+        raise MmeffError("train dyvte needs the unwrapped model; call mmeff.unwrap(model) first")
+    adapter = adapter_for(model)
+    pipeline = Pipeline(model, adapter, [ForcedExit(_ForcedExitConfig(layer=layer), adapter)])
+    pipeline.attach()
+    try:
+        yield
+    finally:
+        pipeline.detach()
+
+
+def answer_loss(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B] mean cross-entropy of the answer tokens (rows: positions predicting them)."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    w = rows.float()
+    return (ce * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def exit_labels(full_logits: torch.Tensor, exit_logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                agree: float = 0.99, tol: float = 1.03) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """[B] long labels (1 = exit is harmless) and the per-sample measurements they come from."""
+    w = rows.float()
+    same = (full_logits.argmax(-1) == exit_logits.argmax(-1)).float()
+    agreement = (same * w).sum(1) / w.sum(1).clamp_min(1.0)
+    loss_full = answer_loss(full_logits, rows, targets)
+    loss_exit = answer_loss(exit_logits, rows, targets)
+    label = (agreement > agree) & (loss_exit < tol * loss_full)
+    return label.long(), {"agreement": agreement, "loss_full": loss_full, "loss_exit": loss_exit}
+
+
+def prompt_features(hidden: torch.Tensor, batch: Batch, visual: torch.Tensor) -> torch.Tensor:
+    """Router features of the prompt part of a teacher-forced batch (what the router sees at inference)."""
+    n = batch.prompt_len
+    text = text_after_image(visual[:, :n], batch.prompt["attention_mask"])
+    last = torch.full((hidden.shape[0],), n - 1, device=hidden.device)
+    return router_features(hidden[:, :n], text, last)
+
+
+@torch.no_grad()
+def build_step(model: Any, batch: Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(router features, labels, measurements) of one batch for an exit at ``layer``."""
+    adapter = adapter_for(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(module: Any, args: tuple, kwargs: dict) -> None:
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = adapter.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        full = model(**batch.inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+    with forced_exit(model, layer):
+        gone = model(**batch.inputs, use_cache=False).logits
+    spans = adapter.spans(batch.prompt["input_ids"], batch.prompt)
+    visual = torch.zeros_like(batch.prompt["input_ids"], dtype=torch.bool)
+    for b, sample in enumerate(spans):
+        for sp in sample:
+            visual[b, sp.start : sp.end] = True
+    labels, info = exit_labels(full, gone, batch.rows, batch.targets)
+    return prompt_features(captured["h"], batch, visual), labels, info
+
+
+def train_dyvte(model: Any, processor: Any, examples: Iterator[Example], *, steps: int, batch_size: int = 4,
+                lr: float = 6e-5, width: int = 2048, min_layer: int = 1, seed: int = 0,
+                progress: Progress | None = None) -> tuple[DyVTERouters, dict[str, Any]]:
+    """Train a router set for ``model``; returns it and a report (label rates per layer, final losses)."""
+    adapter = adapter_for(model)
+    n_layers = len(adapter.layers)
+    if not 1 <= min_layer < n_layers:
+        raise MmeffError(f"train dyvte: min_layer must be in [1, {n_layers - 1}], got {min_layer}")
+    torch.manual_seed(seed)
+    rnd = random.Random(seed)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    routers = DyVTERouters(int(adapter.text_config.hidden_size), n_layers, width).to(device)
+    opt = torch.optim.AdamW(routers.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    seen = {k: [0, 0] for k in range(min_layer, n_layers)}  # layer -> [exit labels, samples]
+    hits = {k: [0, 0] for k in range(min_layer, n_layers)}  # layer -> [router correct, samples]
+    loss_sum = 0.0
+    for step in range(steps):
+        batch = make_batch(processor, [next(examples) for _ in range(batch_size)], device, dtype)
+        layer = rnd.randrange(min_layer, n_layers)
+        feats, labels, _ = build_step(model, batch, layer)
+        logits = routers(layer, feats)
+        loss = F.cross_entropy(logits.float(), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        seen[layer][0] += int(labels.sum())
+        seen[layer][1] += len(labels)
+        hits[layer][0] += int((logits.argmax(-1) == labels).sum())
+        hits[layer][1] += len(labels)
+        loss_sum += loss.item()
+        if progress is not None:
+            progress(step + 1, steps, {"loss": loss.item(), "layer": layer, "exit_rate": float(labels.float().mean())})
+    report = {
+        "steps": steps,
+        "mean_loss": loss_sum / max(steps, 1),
+        "exit_label_rate": {k: (v[0] / v[1] if v[1] else None) for k, v in seen.items()},
+        "router_train_accuracy": {k: (v[0] / v[1] if v[1] else None) for k, v in hits.items()},
+    }
+    return routers.eval(), report
+
+
+def head_tensors(routers: DyVTERouters) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in routers.state_dict().items()}

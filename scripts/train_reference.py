@@ -1,0 +1,54 @@
+"""Train a reference VLM on procedural scenes (GPU machine; resumable across 10-minute commands).
+
+    python scripts/train_reference.py --prepare --images 40000 --workers 16      # render once (out/data)
+    python scripts/train_reference.py --arch llava --minutes 6 --total-minutes 6  # train, save out/llava/model
+    python scripts/train_reference.py --arch llava --minutes 9 --total-minutes 15 --resume  # continue
+
+The schedule (warm-up + cosine) runs over --total-minutes of training time, split over any number of
+commands; each command stops before its --minutes wall budget, writes a checkpoint and the fp16 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmeff.reference.model import ARCHS
+from mmeff.reference.training import TrainConfig, prepare_data, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prepare", action="store_true", help="render the training scenes and exit")
+    ap.add_argument("--images", type=int, default=40000, help="training scenes to render (--prepare)")
+    ap.add_argument("--draws", type=int, default=2, help="question sets drawn per scene (--prepare)")
+    ap.add_argument("--workers", type=int, default=16, help="rendering processes (--prepare)")
+    ap.add_argument("--data", default="out/data", help="rendered data folder")
+    ap.add_argument("--arch", choices=ARCHS)
+    ap.add_argument("--out", help="output folder (default out/<arch>)")
+    ap.add_argument("--minutes", type=float, default=8.0, help="wall budget of this command")
+    ap.add_argument("--total-minutes", type=float, default=8.0, help="training time of the whole schedule")
+    ap.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if present")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-steps", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args(argv)
+    if args.prepare:
+        prepare_data(args.data, args.images, draws=args.draws, workers=args.workers)
+        print(f"data ready in {args.data}")
+        return
+    if args.arch is None:
+        ap.error("--arch is required unless --prepare")
+    cfg = TrainConfig(arch=args.arch, data_dir=args.data, out_dir=args.out or f"out/{args.arch}",
+                      minutes=args.minutes, total_minutes=args.total_minutes, batch_size=args.batch_size,
+                      lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, device=args.device)
+    train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

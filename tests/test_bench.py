@@ -1,0 +1,35 @@
+"""``mmeff bench`` on CPU: the whole measuring path runs (small and quick) so it never rots."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from mmeff.cli import app
+from mmeff.evaluation import speed
+
+
+def test_architectures_are_listed():
+    assert {"llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b"} <= set(speed.architectures())
+    spec = speed.arch_spec("llava-1.5-7b")
+    assert spec["config"]["text_config"]["num_hidden_layers"] == 32
+
+
+def test_bench_cli_on_cpu(tmp_path):
+    out = tmp_path / "b"
+    result = CliRunner().invoke(app, [
+        "bench", "--model", "tiny-llava", "--preset", "fastv", "--device", "cpu", "--dtype", "fp32",
+        "--batch-size", "1,2", "--repeats", "1", "--warmup", "1", "--new-tokens", "3", "--output", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["batch_size"] for r in data] == [1, 2]
+    rows = data[1]["rows"]
+    assert [r["preset"] for r in rows] == ["none", "fastv"]
+    none, fastv = rows
+    assert fastv["visual_tokens_kept"] < none["visual_tokens_kept"] == none["visual_tokens_in"]
+    assert fastv["kv_cache_bytes"] < none["kv_cache_bytes"]
+    assert fastv["kv_visual_ratio"] < 1.0 and none["kv_visual_ratio"] == 1.0
+    assert all(r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert (out / "bench.png").stat().st_size > 0 and "| fastv |" in (out / "bench.md").read_text()

@@ -1,0 +1,196 @@
+"""``mmeff eval``: results files and schema, fastv's measured cost, kill + resume, 2-process data parallelism,
+and clear errors. Tiny random models on a tiny synthetic benchmark keep it fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmeff.cli import app
+from mmeff.evaluation.results import strip_timing
+from mmeff.evaluation.tasks import parse_tasks
+from mmeff.models.loading import ModelLoadError, ensure_tiny, load_model
+from mmeff.reference.synthetic import ensure_benchmarks
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_benchmarks(tmp_path_factory.mktemp("bench"), n_pope_images=2, n_chair_images=2, n_mme_images=1)
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_model_dir) -> Path:
+    return tiny_model_dir("llava")
+
+
+def eval_args(model: Path, bench: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "--model", str(model), "--preset", "fastv,none", "--tasks", "pope_random,chair,mme",
+            "--data", str(bench), "--limit", "3", "--batch-size", "1", "--chair-max-new-tokens", "8",
+            "--n-boot", "200", "--no-progress", "--output", str(out), *extra]
+
+
+def invoke(args: list[str]):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same arithmetic as the OMP_NUM_THREADS=1 subprocesses compared against
+    try:
+        return runner.invoke(app, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sub_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.fixture(scope="module")
+def reference(llava, bench, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = invoke(eval_args(llava, bench, out, "--log-samples"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_results_files_and_schema(reference):
+    res = json.loads((reference / "results.json").read_text())
+    assert res["schema"] == "mmeff.eval/1" and res["generation"]["chair_max_new_tokens"] == 8
+    assert [r["preset"] for r in res["runs"]] == ["none", "fastv"]  # none first, always
+    none, fastv = res["runs"]
+    assert set(none["tasks"]) == {"pope_random", "chair", "mme"}
+    assert set(none["tasks"]["pope_random"]) >= {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"}
+    assert none["tasks"]["pope_random"]["n"] == 3
+    assert set(none["tasks"]["chair"]) >= {"chair_s", "chair_i", "recall", "len", "n"}
+    assert none["tasks"]["chair"]["n"] == 2
+    assert set(none["tasks"]["mme"]["subtasks"]) == {"existence", "count", "position", "color"}
+    assert set(none["cost"]) >= {"visual_tokens_in", "visual_tokens_kept", "kv_cache_bytes", "prefill_ms",
+                                 "tokens_per_s", "peak_memory_bytes"}
+    assert none["cost"]["peak_memory_bytes"] is None  # CPU
+    # tiny llava: 16 patch tokens per image; fastv (k=2, ratio 0.5) keeps 16 in layers 0-1 and 8 in 2-3
+    assert none["cost"]["visual_tokens_in"] == none["cost"]["visual_tokens_kept"] == 16
+    assert fastv["cost"]["visual_tokens_kept"] == pytest.approx(12.0)
+    assert fastv["cost"]["kv_cache_bytes"] < none["cost"]["kv_cache_bytes"]
+    assert "delta" not in none
+    for task, metrics in {"pope_random": ("f1", "accuracy"), "chair": ("chair_s", "chair_i", "recall"),
+                          "mme": ("perception",)}.items():
+        for m in metrics:
+            d = fastv["delta"][task][m]
+            assert d["lo"] <= d["delta"] <= d["hi"], (task, m, d)
+    md = (reference / "results.md").read_text()
+    assert "| none |" in md and "| fastv |" in md and "95% paired-bootstrap" in md
+    assert (reference / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (reference / "samples" / "fastv" / "pope_random.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["1", "2", "3"]
+    words = json.loads((reference / "samples" / "none" / "chair_words.json").read_text())
+    assert len(words["sentences"]) == 2 and "mscoco_generated_words" in words["sentences"][0]
+
+
+def test_kill_and_resume_equals_uninterrupted(llava, bench, reference, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mmeff.cli", *eval_args(llava, bench, out)]
+    proc = subprocess.Popen(cmd, env=sub_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "samples" / "none" / "pope_random.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    rc = proc.wait()
+    assert rc == -signal.SIGKILL, f"the run was not killed midway (rc {rc}): {proc.stderr.read().decode()[-2000:]}"
+    assert not (out / "results.json").exists()
+    # a cut last line, as a kill during a write leaves it
+    with open(log, "a") as f:
+        f.write('{"id": "3", "answ')
+    again = invoke(eval_args(llava, bench, out))
+    assert again.exit_code == 2 and "--resume" in again.output  # refuses to overwrite silently
+    result = invoke(eval_args(llava, bench, out, "--resume"))
+    assert result.exit_code == 0, result.output
+    got = strip_timing(json.loads((out / "results.json").read_text()))
+    want = strip_timing(json.loads((reference / "results.json").read_text()))
+    assert got == want
+    assert not (out / "samples").exists()  # without --log-samples the logs go once the results are written
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_single_process_numbers(llava, bench, reference, tmp_path):
+    if shutil.which("accelerate") is None:
+        pytest.fail("the accelerate launcher is not on PATH")
+    out = tmp_path / "dp"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "mmeff.cli", *eval_args(llava, bench, out)]
+    proc = subprocess.run(cmd, env=sub_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = strip_timing(json.loads((out / "results.json").read_text()))
+    want = strip_timing(json.loads((reference / "results.json").read_text()))
+    assert got == want
+
+
+def test_qwen_batched_run(tiny_model_dir, bench, tmp_path):
+    out = tmp_path / "qwen"
+    args = ["eval", "--model", str(tiny_model_dir("qwen2_vl")), "--preset", "fastv", "--tasks", "pope_random",
+            "--data", str(bench), "--limit", "3", "--batch-size", "2", "--n-boot", "50", "--no-progress",
+            "--output", str(out)]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    none, fastv = json.loads((out / "results.json").read_text())["runs"]
+    assert none["cost"]["visual_tokens_in"] > 0
+    assert fastv["cost"]["visual_tokens_kept"] < none["cost"]["visual_tokens_kept"]
+    assert none["tasks"]["pope_random"]["n"] == 3
+
+
+def test_unknown_task_lists_valid_ones(tmp_path):
+    result = runner.invoke(app, ["eval", "--tasks", "pope,vqa", "--output", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "unknown task 'vqa'" in result.output
+    for name in ("pope", "pope_random", "pope_popular", "pope_adversarial", "chair", "mme"):
+        assert name in result.output
+    assert parse_tasks("pope,chair,pope_random") == ["pope_random", "pope_popular", "pope_adversarial", "chair"]
+
+
+def test_bad_inputs(tmp_path, bench, llava):
+    result = runner.invoke(app, ["eval", "--preset", "none,nosuch", "--output", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "nosuch" in result.output and "fastv" in result.output
+    result = runner.invoke(app, ["eval", "--resume", "--output", str(tmp_path / "b"), "--data", str(bench),
+                                 "--model", str(llava)])
+    assert result.exit_code == 2 and "nothing to resume" in result.output
+    result = runner.invoke(app, ["eval", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "data folder not found" in result.output
+    result = runner.invoke(app, ["eval", "--model", "tiny-gpt2", "--data", str(bench), "--tasks", "pope_random",
+                                 "--limit", "1", "--output", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "unknown tiny family 'gpt2'" in result.output
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()  # bad input claims no folder
+
+
+def test_load_model_specs(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
+        load_model(str(tmp_path / "empty"))
+    monkeypatch.setenv("MMEFF_CACHE", str(tmp_path / "cache"))
+    path = ensure_tiny("llava")
+    assert path == tmp_path / "cache" / "models" / "tiny-llava" and (path / "config.json").is_file()
+    assert ensure_tiny("llava") == path  # built once
+    model, _, family = load_model("tiny-llava")
+    assert family == "llava" and model.dtype == torch.float32 and not model.training

@@ -1,0 +1,100 @@
+"""``mmeff score``: official metrics on answer files in the official formats, with hand-computed expectations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mmeff.cli import app
+from mmeff.reference.synthetic import ensure_benchmarks
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_benchmarks(tmp_path_factory.mktemp("bench"), n_pope_images=2, n_chair_images=2, n_mme_images=2)
+
+
+def test_chair_real_coco_captions(tmp_path):
+    # Real COCO val2014 reference captions (ids 391895, 522418) and one with an invented dog (310196).
+    captions = [
+        {"image_id": 391895, "caption": "A man with a red helmet on a small moped on a dirt road."},
+        {"image_id": 522418, "caption": "A woman wearing a net on her head cutting a cake."},
+        {"image_id": "COCO_val2014_000000310196.jpg", "caption": "A person on skis next to a dog."},
+    ]
+    pred = tmp_path / "captions.jsonl"
+    pred.write_text("".join(json.dumps(c) + "\n" for c in captions))
+    result = runner.invoke(app, ["score", "chair", "--predictions", str(pred), "--data", "coco",
+                                 "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "out" / "chair_scores.json").read_text())
+    s = doc["sentences"]
+    # ground truth (shipped): 391895 {bicycle, motorcycle, person}; 522418 {cake, knife, person, sink};
+    # 310196 {person, skis, snowboard}
+    assert s[0]["mscoco_generated_words"] == ["person", "motorcycle"] and s[0]["mscoco_hallucinated_words"] == []
+    assert s[1]["mscoco_generated_words"] == ["person", "cake"]
+    assert s[2]["image_id"] == 310196
+    assert s[2]["mscoco_generated_words"] == ["person", "skis", "dog"]
+    assert s[2]["mscoco_hallucinated_words"] == [["dog", "dog"]]
+    m = doc["overall_metrics"]
+    assert m["CHAIRs"] == pytest.approx(1 / 3)
+    assert m["CHAIRi"] == pytest.approx(1 / 7)  # 1 hallucinated of 7 object mentions
+    assert m["Recall"] == pytest.approx(6 / 10)  # 2+2+2 recalled of 3+4+3 ground-truth objects
+    assert "CHAIRs" in result.output
+
+
+def test_chair_synthetic_ground_truth_and_missing_image(bench, tmp_path):
+    gt = json.loads((bench / "chair" / "synth_image_objects.json").read_text())
+    image_id, objects = next(iter(gt.items()))
+    pred = tmp_path / "c.json"
+    pred.write_text(json.dumps([{"image_id": int(image_id), "caption": f"There is a {objects[0]}."}]))
+    result = runner.invoke(app, ["score", "chair", "--predictions", str(pred), "--data", str(bench)])
+    assert result.exit_code == 0, result.output
+    pred.write_text(json.dumps([{"image_id": 12345, "caption": "A cat."}]))
+    result = runner.invoke(app, ["score", "chair", "--predictions", str(pred), "--data", str(bench)])
+    assert result.exit_code == 2 and "no ground-truth objects for image id 12345" in result.output
+
+
+def test_pope_answers(bench, tmp_path):
+    questions = [json.loads(x) for x in (bench / "pope" / "coco_pope_random.json").read_text().splitlines()]
+    pred = tmp_path / "answers.jsonl"
+    pred.write_text("".join(json.dumps({"question_id": q["question_id"], "text": "Yes, there is."}) + "\n"
+                            for q in questions))
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--data", str(bench),
+                                 "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "pope_scores.json").read_text())
+    assert m["n"] == len(questions) == 12
+    assert (m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]) == (0.5, 0.5, 1.0, 1.0)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # an explicit question file works too; an unanswered question is an error naming the answer file
+    pred.write_text(json.dumps({"question_id": 1, "text": "No"}) + "\n")
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred),
+                                 "--questions", str(bench / "pope" / "coco_pope_random.json")])
+    assert result.exit_code == 2 and "11 questions have no answer" in result.output and str(pred) in result.output
+
+
+def test_mme_results(bench, tmp_path):
+    template = (bench / "mme" / "eval_tool" / "Your_Results" / "existence.txt").read_text().splitlines()
+    assert len(template) == 4  # two images, "Yes" question first
+    preds = ["Yes", "No", "Yes", "Yes"]  # image 1 both right, image 2 one right
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "existence.txt").write_text("".join(f"{t}\t{p}\n" for t, p in zip(template, preds)))
+    result = runner.invoke(app, ["score", "mme", "--predictions", str(tmp_path / "res"), "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "mme_scores.json").read_text())
+    assert m["subtasks"]["existence"]["acc"] == 0.75 and m["subtasks"]["existence"]["acc_plus"] == 0.5
+    assert m["perception"] == pytest.approx(125.0) and m["cognition"] == 0
+    bad = tmp_path / "count.txt"
+    bad.write_text("a.jpg\tIs it?\tYes\n")
+    result = runner.invoke(app, ["score", "mme", "--predictions", str(bad)])
+    assert result.exit_code == 2 and f"{bad}:1" in result.output
+
+
+def test_unknown_benchmark(tmp_path):
+    result = runner.invoke(app, ["score", "vqa", "--predictions", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "pope, chair, mme" in result.output

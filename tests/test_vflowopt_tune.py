@@ -1,0 +1,38 @@
+"""The VFlowOpt tuner: a few optuna trials on a tiny model give a budget-exact preset that wrap accepts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmeff
+from mmeff.models.factory import load_tiny, make_inputs
+from mmeff.presets import get_preset
+from mmeff.tuning import averaged_budget
+from mmeff.tuning.tuner import objective_value, reference_samples, search_space, tune_vflowopt, write_preset
+
+
+def test_objective_and_space():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert objective_value(a, a) == pytest.approx(2.0)
+    assert objective_value(a, torch.tensor([[0.0, 1.0], [0.0, 3.0]])) == pytest.approx(1.0)
+    sp = search_space(0.75)  # the official space is the one of 25% kept
+    assert sp["r_v"] == (0.25, 0.375) and sp["r_1"][0] == pytest.approx(0.2 / 0.375)
+    with pytest.raises(mmeff.ConfigError, match="TRAIN_SEEDS"):
+        reference_samples(3, seed0=-1)
+
+
+@torch.no_grad()
+def test_tune_writes_a_budget_exact_preset(tiny_model_dir, tmp_path):
+    model, processor = load_tiny(tiny_model_dir("qwen2_vl"))
+    items = reference_samples(2, seed0=123)
+    batches = [make_inputs(processor, [s.text], [[s.image.resize((48, 48))]]) for s in items]
+    cfg, score = tune_vflowopt(model, batches, budget=0.75, trials=4, startup_trials=2, llm_layers=(1, 3), layers_of=0)
+    assert 0.0 < score <= 2.0 + 1e-5
+    assert averaged_budget(cfg, 4) == pytest.approx(0.75)
+    path = write_preset(tmp_path / "my-preset.toml", "my-preset", cfg, "tuned in a test")
+    preset = get_preset(str(path))
+    assert preset.config() == cfg
+    with mmeff.wrap(model, str(path)) as handle:
+        model(**batches[0])
+        assert handle.stats["visual_tokens_kept"] < handle.stats["visual_tokens_in"]

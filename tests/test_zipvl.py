@@ -1,0 +1,260 @@
+"""ZipVL: the ratio rule, probe scoring, quantization bounds and packing, the mixed-precision cache under
+``generate`` for every family, and exactness in the lossless setting (tau = 1, 16 bits)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import mmeff
+import mmeff.methods.zipvl
+from mmeff.kernels.attention_stats import attention_probs
+from mmeff.kernels.kv_quant import quantize_kv
+from mmeff.kernels.kv_quant import reference as kvq
+from mmeff.kernels.probe_scores import normalized_scores, probe_scores
+from mmeff.methods.zipvl import ZipVLCacheLayer, ZipVLConfig, choose_probes, important_set
+from mmeff.models.factory import FAMILIES, load_tiny
+from tests.test_wrap import batch
+
+GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+# -- the ratio rule ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tau", [0.5, 0.8, 0.975, 1.0])
+def test_important_set_is_smallest_set_reaching_tau(tau):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        n = 7
+        scores = torch.rand(1, n, generator=gen) ** 3
+        cand = torch.rand(1, n, generator=gen) > 0.25
+        cand[0, 0] = True
+        got = important_set(scores, cand, tau)[0]
+        total = scores[0][cand[0]].sum().item()
+        idx = cand[0].nonzero().flatten().tolist()
+        best = min(
+            (len(sub) for r in range(len(idx) + 1) for sub in itertools.combinations(idx, r)
+             if scores[0, list(sub)].sum().item() >= tau * total - 1e-6),
+        )
+        if tau >= 1.0:
+            best = len(idx)  # every candidate, even zero-mass ones
+        assert int(got.sum()) == best
+        assert not bool((got & ~cand[0]).any())
+        assert scores[0][got].sum().item() >= tau * total - 1e-6
+
+
+def test_choose_probes_counts_and_recent_window():
+    real = torch.ones(2, 40, dtype=torch.bool)
+    real[1, :10] = False  # left padding
+    probes, recent = choose_probes(real, 0.1, 0.5, torch.Generator().manual_seed(0))
+    assert probes.sum(1).tolist() == [4, 3]
+    assert recent[0, 38:].all() and recent.sum(1).tolist() == [2, 2]
+    assert not bool((probes & ~real).any()) and bool((recent <= probes).all())
+
+
+# -- probe scoring -----------------------------------------------------------------------------------------------
+def test_probe_scores_match_full_eager_attention():
+    torch.manual_seed(0)
+    b, h, hkv, n, d = 2, 4, 2, 23, 8
+    q, k = torch.randn(b, h, n, d), torch.randn(b, hkv, n, d)
+    ok = torch.ones(b, n, dtype=torch.bool)
+    ok[1, :5] = False  # padding keys
+    mask = ok[:, None, None, :] & torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    mask = mask | torch.eye(n, dtype=torch.bool)[None, None]  # padded rows see themselves (no empty row)
+    full = attention_probs(q, k, mask, 0.3).mean(1)  # [B, N, N]: every row, materialised
+    pos = torch.tensor([[3, 10, 20, 22], [7, 15, 21, 22]])
+    w = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])
+    probe_q = torch.gather(q, 2, pos[:, None, :, None].expand(b, h, 4, d))
+    acc, count = probe_scores(probe_q, k, pos, w, ok, 0.3)
+    want = torch.einsum("bpn,bp->bn", torch.gather(full, 1, pos[..., None].expand(b, 4, n)), w)
+    torch.testing.assert_close(acc, want, rtol=1e-5, atol=1e-6)
+    seen = ((torch.arange(n)[None, None, :] <= pos[:, :, None]).float() * w[..., None]).sum(1) * ok
+    torch.testing.assert_close(count, seen)
+    norm = normalized_scores(acc, count)
+    assert torch.equal(norm == 0, count == 0)
+
+
+# -- quantization ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_quantize_dequantize_error_within_bound(bits, axis):
+    torch.manual_seed(bits)
+    x = torch.randn(2, 3, 37, 16) * torch.linspace(0.1, 5, 16)  # channel outliers; 37 tokens: a partial group
+    qt = quantize_kv(x, bits, 8, axis)
+    err = (qt.dequantize() - x).abs()
+    # bound per element: half a step of its group
+    if axis == "token":
+        step = qt.scale.float().view(2, 3, 37, 16 // 8, 1).expand(-1, -1, -1, -1, 8).reshape(2, 3, 37, 16)
+    else:
+        t_pad = qt.scale.shape[1] * 8
+        step = qt.scale.float().view(2, 3, 16, -1, 1).expand(-1, -1, -1, -1, 8).reshape(2, 3, 16, t_pad)
+        step = step[..., :37].transpose(-1, -2)
+    assert bool((err <= step / 2 * (1 + 1e-5) + 1e-6).all())
+    assert bool((step > 0).all())
+    rng = (x.amax() - x.amin()).item()
+    assert err.max().item() <= rng / ((1 << bits) - 1)  # and coarsely: never more than one step of the total range
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packed_layout_round_trips(bits):
+    per = 8 // bits
+    codes = torch.randint(0, 1 << bits, (5, 32), generator=torch.Generator().manual_seed(bits))
+    # values that are exactly representable: offset 0, scale 1 per group -> the codes themselves
+    x = codes.float()
+    x[:, ::16] = 0.0
+    x[:, 1::16] = float((1 << bits) - 1)  # pin min/max of every 16-group so the scale is exactly 1
+    packed, scale, offset = kvq.quantize_rows(x, bits, 16)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 32 // per)
+    assert torch.equal(scale, torch.ones_like(scale)) and torch.equal(offset, torch.zeros_like(offset))
+    # byte k holds columns k*per .. k*per+per-1 at increasing bit offsets
+    manual = sum(x.long()[:, j::per] << (j * bits) for j in range(per)).to(torch.uint8)
+    assert torch.equal(packed, manual)
+    assert torch.equal(kvq.dequantize_rows(packed, scale, offset, bits, 16, torch.float32), x)
+
+
+def test_cache_layer_bytes_and_blocks():
+    cfg = ZipVLConfig(hi_bits=4, lo_bits=2, group_size=16, recompress_every=3)
+    layer = ZipVLCacheLayer(cfg)
+    k, v = torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    out_k, _ = layer.update(k, v)
+    assert out_k is k and layer.get_seq_length() == 40
+    fp_bytes = layer.nbytes()
+    imp = torch.zeros(2, 40, dtype=torch.bool)
+    imp[0, :10] = True
+    imp[1, 30:] = True
+    layer.compress(imp)
+    assert layer.get_seq_length() == 40 and layer.nbytes() < fp_bytes / 4
+    full_k, _full_v = layer.full()
+    hi_err = (full_k - k).abs()[0, :, :10].max()
+    lo_err = (full_k - k).abs()[0, :, 10:].max()
+    assert hi_err < lo_err  # important tokens at 4 bits, the rest at 2
+    for step in range(4):  # decode: buffered in full precision, recompressed after 3 tokens
+        nk = torch.randn(2, 2, 1, 16)
+        kk, _ = layer.update(nk, nk)
+        assert kk.shape[-2] == 41 + step and layer.get_seq_length() == 41 + step
+        if step < 3:
+            assert torch.equal(kk[..., -1:, :], nk)
+            layer.score_acc += 1.0
+            layer.score_cnt += 1.0
+    assert len(layer.blocks) == 2 and layer.keys.shape[-2] == 1
+
+
+# -- end to end --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tiny_model_dir):
+    model, processor = load_tiny(tiny_model_dir(request.param), attn_implementation="sdpa")
+    return request.param, model, processor
+
+
+@torch.no_grad()
+def test_lossless_setting_equals_unwrapped_and_quantized_generate_runs(family_model):
+    family, model, processor = family_model
+    inputs = batch(processor, family, multi_image=family.startswith("llava"))  # Qwen's two-image batch is slow
+    ref = model.generate(**inputs, **GEN)
+    with mmeff.wrap(model, "zipvl", tau=1.0, hi_bits=16, lo_bits=16, recompress_every=2) as handle:
+        out = model.generate(**inputs, **GEN)
+        assert handle.pipeline.methods[0].last_stats["important_ratio"] == 1.0
+    assert torch.equal(out.sequences, ref.sequences), family
+    for got, want in zip(out.logits, ref.logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    fp_bytes = sum(t.numel() * t.element_size() for layer in model(**inputs).past_key_values.layers
+                   for t in (layer.keys, layer.values))
+    with mmeff.wrap(model, "zipvl", tau=0.9, recompress_every=2, group_size=16) as handle:
+        out = model.generate(**inputs, **GEN)
+        stats = handle.pipeline.methods[0].last_stats
+        kv = handle.stats["kv_cache_bytes"]
+    assert out.sequences.shape == ref.sequences.shape
+    assert all(torch.isfinite(x).all() for x in out.logits)
+    assert 0 < stats["important_ratio"] < 1
+    assert 0 < kv < 0.4 * fp_bytes  # 4/2-bit codes plus scales, offsets and token indices
+
+
+@torch.no_grad()
+def test_sparse_prefill_equals_masked_reference(tiny_model_dir):
+    """With 16-bit storage, sparse prefill = dense attention in which every query row sees only the important
+    keys, and unimportant rows get a zero attention output (one family: the identity is family-independent)."""
+    family = "llava"
+    model, processor = load_tiny(tiny_model_dir(family), attn_implementation="sdpa")
+    inputs = batch(processor, family)
+    with mmeff.wrap(model, "zipvl", tau=0.8, hi_bits=16, lo_bits=16) as handle:
+        method = handle.pipeline.methods[0]
+        captured = {}
+        orig = method.importance
+
+        def spy(call, st, g, real, layer):
+            imp, recent = orig(call, st, g, real, layer)
+            captured[layer] = (imp | recent).clone()
+            return imp, recent
+
+        method.importance = spy
+        got = model(**inputs).logits
+    from mmeff.models import adapter_for
+
+    layers = adapter_for(model).layers
+    hooks = []
+    for i, layer in enumerate(layers):
+        attn = adapter_for(model).attention(layer)
+
+        def pre(module, args, kwargs, i=i):
+            m = kwargs["attention_mask"]
+            keep = captured[i]
+            assert m is not None, "the padded batch gives a 4-D mask"
+            eye = torch.eye(m.shape[-1], dtype=torch.bool)[None, None]
+            if m.dtype == torch.bool:
+                kwargs["attention_mask"] = (m & keep[:, None, None, :]) | eye
+            else:
+                m = m.masked_fill(~keep[:, None, None, :], torch.finfo(m.dtype).min)
+                kwargs["attention_mask"] = m.masked_fill(eye, 0.0)
+            return args, kwargs
+
+        def post(module, args, kwargs, output, i=i):
+            keep = captured[i]
+            return (output[0] * keep[..., None].to(output[0].dtype), *output[1:])
+
+        hooks += [attn.register_forward_pre_hook(pre, with_kwargs=True),
+                  attn.register_forward_hook(post, with_kwargs=True)]
+    try:
+        want = model(**inputs).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_composes_after_fastv(tiny_model_dir):
+    family = "llava"  # composition is family-independent machinery
+    model, processor = load_tiny(tiny_model_dir(family), attn_implementation="sdpa")
+    inputs = batch(processor, family)
+    ref = model.generate(**inputs, **GEN)
+    with mmeff.wrap(model, "fastv", k=1, ratio=0.5) as handle:
+        fastv = model.generate(**inputs, **GEN)
+    with mmeff.wrap(model, "fastv+zipvl", tau=1.0, hi_bits=16, lo_bits=16, k=1, ratio=0.5) as handle:
+        both = model.generate(**inputs, **GEN)
+        assert [m.name for m in handle.pipeline.methods] == ["fastv", "zipvl"]
+        per_layer = handle.stats["visual_tokens_kept_per_layer"]
+        assert per_layer[1] < per_layer[0]
+    assert torch.equal(both.sequences, fastv.sequences)  # lossless zipvl on top of fastv = fastv
+    for got, want in zip(both.logits, fastv.logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with mmeff.wrap(model, "fastv+zipvl", k=1, ratio=0.5, recompress_every=2, group_size=16) as handle:
+        out = model.generate(**inputs, **GEN)
+        assert handle.pipeline.methods[1].last_stats["important_ratio"] < 1
+    assert out.sequences.shape == ref.sequences.shape
+
+
+def test_presets_resolve_per_family_and_bad_config_is_refused(tiny_model_dir):
+    from mmeff.presets import resolve
+
+    for family in FAMILIES:
+        (cfg,) = resolve("zipvl", family)
+        (fast,) = resolve("zipvl-fast", family)
+        assert (cfg.hi_bits, cfg.lo_bits) == (4, 2) and fast.tau < cfg.tau
+    assert resolve("zipvl", "llava")[0].tau == 0.975
+    model, _ = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+    for bad in ({"tau": 0.0}, {"hi_bits": 3}, {"lo_bits": 8, "hi_bits": 4}, {"group_size": 12}):
+        with pytest.raises(mmeff.errors.ConfigError):
+            mmeff.wrap(model, "zipvl", **bad)
