@@ -58,7 +58,7 @@ def _seed(image_name: str) -> int:
 
 
 def evaluate(model_dir: str | Path, bench: Path, *, device: str, limit: int | None, batch_size: int,
-             n_attention: int) -> dict[str, object]:
+             n_attention: int, chair_limit: int | None = None) -> dict[str, object]:
     model, processor = load_reference(model_dir, device=device)
     arch = "llava" if model.config.model_type == "llava" else "qwen2vl"
     res: dict[str, object] = {"model": str(model_dir), "arch": arch}
@@ -70,7 +70,7 @@ def evaluate(model_dir: str | Path, bench: Path, *, device: str, limit: int | No
         res[f"pope_{split}"] = pope_metrics(preds, [q.label for q in qs])
     gt = {int(k): frozenset(v) for k, v in
           json.loads((bench / "chair" / "synth_image_objects.json").read_text()).items()}
-    ids = sorted(gt)[:limit]
+    ids = sorted(gt)[:chair_limit or limit]
     caps = generate(model, processor, arch, [CHAIR_PROMPT] * len(ids),
                     [bench / "images" / f"synth_{i:012d}.jpg" for i in ids], max_new_tokens=128,
                     batch_size=batch_size)
@@ -126,13 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bench", help="benchmark folder (default: ensure_benchmarks() cache)")
     ap.add_argument("--limit", type=int, help="questions per POPE split / captions / MME images per subtask")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--chair-limit", type=int, help="captions to generate (default: --limit)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--attention-samples", type=int, default=50)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     bench = Path(args.bench) if args.bench else ensure_benchmarks()
     res = evaluate(args.model, bench, device=args.device, limit=args.limit, batch_size=args.batch_size,
-                   n_attention=args.attention_samples)
+                   n_attention=args.attention_samples, chair_limit=args.chair_limit)
     print(table(res), flush=True)
     if args.json:
         tmp = Path(args.json + ".tmp")
