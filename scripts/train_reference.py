@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup-steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--init-from", default="", help="start from this saved model folder (fresh optimiser)")
     args = ap.parse_args(argv)
     if args.prepare:
         prepare_data(args.data, args.images, draws=args.draws, workers=args.workers)
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--arch is required unless --prepare")
     cfg = TrainConfig(arch=args.arch, data_dir=args.data, out_dir=args.out or f"out/{args.arch}",
                       minutes=args.minutes, total_minutes=args.total_minutes, batch_size=args.batch_size,
-                      lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, device=args.device)
+                      lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
+                      init_from=args.init_from)
     train(cfg, resume=args.resume)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmeff.models.factory import build_tiny
+from mmeff.models.factory import FAMILIES, build_tiny, load_tiny
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -23,3 +23,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def models(request, tiny_model_dir):
+    """(family, eager model, SDPA model, processor) for each tiny family: slow references run eager."""
+    path = tiny_model_dir(request.param)
+    eager, processor = load_tiny(path, attn_implementation="eager")
+    sdpa, _ = load_tiny(path, attn_implementation="sdpa")
+    return request.param, eager, sdpa, processor

@@ -10,10 +10,11 @@ import mmeff
 from mmeff.errors import ConfigError
 from mmeff.methods.dyvte import DyVTE, DyVTERouters, router_features, text_after_image
 from mmeff.models import adapter_for
-from mmeff.models.factory import FAMILIES, load_tiny
+from mmeff.models.factory import load_tiny
 from mmeff.training.data import make_batch, synthetic_examples
 from mmeff.training.dyvte import exit_labels, head_tensors, train_dyvte
 from mmeff.training.heads import save_head
+from tests.helpers import greedy_recompute
 from tests.test_wrap import batch
 
 
@@ -37,8 +38,6 @@ def visual_mask(model, inputs) -> torch.Tensor:
 def reference_generate(model, inputs, visual: torch.Tensor, exits: list[int], steps: int):
     """Greedy decoding, full recompute per step; sample b's visual tokens hidden (as keys) from layer exits[b]."""
     layers = adapter_for(model).layers
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     handles = []
 
     def hide_from(k: int):
@@ -58,31 +57,7 @@ def reference_generate(model, inputs, visual: torch.Tensor, exits: list[int], st
 
     for k, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(hide_from(k), with_kwargs=True))
-    logits = []
-    try:
-        for _ in range(steps):
-            kw = dict(extra)
-            if adapter_for(model).family in ("llava", "llava_next"):
-                kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
-            last = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits[:, -1]
-            logits.append(last)
-            nxt = last.argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], 1)
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            if "mm_token_type_ids" in extra:
-                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
-    finally:
-        for h in handles:
-            h.remove()
-    return ids, logits
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def models(request, tiny_model_dir):
-    path = tiny_model_dir(request.param)
-    eager, processor = load_tiny(path, attn_implementation="eager")
-    sdpa, _ = load_tiny(path, attn_implementation="sdpa")
-    return request.param, eager, sdpa, processor
+    return greedy_recompute(model, inputs, steps, handles)
 
 
 def force_exits(method: DyVTE, exits: list[int]) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ import torch
 import mmeff
 from mmeff.methods.fastv import keep_top
 from mmeff.models import adapter_for
-from mmeff.models.factory import FAMILIES, load_tiny
+from tests.helpers import greedy_recompute
 from tests.test_wrap import batch
 
 
@@ -28,8 +28,6 @@ def reference_scores(model, inputs, k: int, query: str) -> torch.Tensor:
 def reference_generate(model, inputs, dropped: torch.Tensor, k: int, steps: int) -> tuple[torch.Tensor, list]:
     """Greedy decoding, full recompute per step; ``dropped`` [B, N] prompt positions hidden from layers >= k."""
     layers = adapter_for(model).layers
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {key: v for key, v in inputs.items() if key not in ("input_ids", "attention_mask")}
     handles = []
     state = {}
 
@@ -46,34 +44,7 @@ def reference_generate(model, inputs, dropped: torch.Tensor, k: int, steps: int)
 
     for layer in layers[k:]:
         handles.append(layer.register_forward_pre_hook(hide, with_kwargs=True))
-    logits = []
-    try:
-        for _ in range(steps):
-            pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-            kw = dict(extra)
-            if adapter_for(model).family in ("llava", "llava_next"):
-                kw["position_ids"] = pos  # what generate passes
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
-            last = out.logits[:, -1]
-            logits.append(last)
-            nxt = last.argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], 1)
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            if "mm_token_type_ids" in extra:  # Qwen: generated tokens are text
-                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
-    finally:
-        for h in handles:
-            h.remove()
-    assert state.get("used") or k >= len(layers)
-    return ids, logits
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def models(request, tiny_model_dir):
-    path = tiny_model_dir(request.param)
-    eager, processor = load_tiny(path, attn_implementation="eager")
-    sdpa, _ = load_tiny(path, attn_implementation="sdpa")
-    return request.param, eager, sdpa, processor
+    return greedy_recompute(model, inputs, steps, handles)
 
 
 @pytest.mark.parametrize("k,ratio,query", [(2, 0.5, "all"), (1, 0.75, "last")])

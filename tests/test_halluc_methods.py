@@ -17,18 +17,10 @@ from mmeff.methods.var import discover_sink_dims, redistribute, sink_scores
 from mmeff.methods.vcd import add_diffusion_noise, contrast
 from mmeff.methods.vhr import head_divergence, reinforced_heads
 from mmeff.models import adapter_for
-from mmeff.models.factory import FAMILIES, load_tiny, make_inputs, random_image
+from mmeff.models.factory import make_inputs, random_image
 from tests.test_wrap import batch
 
 GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def models(request, tiny_model_dir):
-    path = tiny_model_dir(request.param)
-    eager, processor = load_tiny(path, attn_implementation="eager")
-    sdpa, _ = load_tiny(path, attn_implementation="sdpa")
-    return request.param, eager, sdpa, processor
 
 
 def _dims(model, processor) -> tuple[int, ...]:

@@ -12,9 +12,10 @@ import mmeff
 from mmeff.kernels.vflowopt_score import reference as ref
 from mmeff.methods.vflowopt import VFlowOptConfig, clip_tile_entropy, merge_cell, recycle_plan
 from mmeff.models import adapter_for
-from mmeff.models.factory import FAMILIES, load_tiny
+from mmeff.models.factory import load_tiny
 from mmeff.presets import get_preset
 from mmeff.tuning import averaged_budget, fastv_ratio_for_budget, kept_fraction, solve_last_ratio
+from tests.helpers import greedy_recompute
 from tests.test_wrap import batch
 
 
@@ -179,9 +180,6 @@ def plan(state_scores, spans, x0, cfg):
 
 def slow_generate(model, inputs, removed, merged, steps):
     layers = adapter_for(model).layers
-    family = adapter_for(model).family
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     hidden_from = {}
     acc = set()
     for layer in range(len(layers)):
@@ -210,30 +208,7 @@ def slow_generate(model, inputs, removed, merged, steps):
         return fn
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    logits = []
-    try:
-        for _ in range(steps):
-            kw = dict(extra)
-            if family in ("llava", "llava_next"):
-                kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
-            last = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits[:, -1]
-            logits.append(last)
-            nxt = last.argmax(-1, keepdim=True)
-            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-            if "mm_token_type_ids" in extra:
-                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
-    finally:
-        for h in handles:
-            h.remove()
-    return ids, logits
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def models(request, tiny_model_dir):
-    path = tiny_model_dir(request.param)
-    eager, processor = load_tiny(path, attn_implementation="eager")
-    sdpa, _ = load_tiny(path, attn_implementation="sdpa")
-    return request.param, eager, sdpa, processor
+    return greedy_recompute(model, inputs, steps, handles)
 
 
 @torch.no_grad()

@@ -223,6 +223,7 @@ class TrainConfig:
     checkpoint_every_s: float = 120.0
     log_every: int = 25
     device: str = "cuda"
+    init_from: str = ""  # a saved model folder to start from (continue training with a fresh optimiser)
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -249,6 +250,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
     torch.manual_seed(cfg.seed)
     model, processor = build_model(cfg.arch, seed=cfg.seed)
+    if cfg.init_from and not (resume and ckpt_path.is_file()):
+        model = type(model).from_pretrained(cfg.init_from, dtype=torch.float32)
     data = Path(cfg.data_dir)
     images = torch.from_numpy(np.load(data / "images.npy")).to(cfg.device)
     ex = encode_examples(cfg.arch, processor.tokenizer, json.loads((data / "texts.json").read_text()))
