@@ -214,7 +214,7 @@ class Pipeline:
     def _new_state(self, inputs: dict) -> State:
         input_ids = inputs.get("input_ids")
         if input_ids is None:
-            if self.removes_tokens or (len(self.methods) and any(m.name != "none" for m in self.methods)):
+            if any(m.name != "none" for m in self.methods):
                 raise MmeffError("mmeff needs input_ids to find the visual tokens (inputs_embeds alone is not enough)")
             emb = inputs["inputs_embeds"]
             b, n = emb.shape[:2]

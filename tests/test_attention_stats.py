@@ -57,10 +57,9 @@ class _Probe(Method):
                     m = torch.ones(q, k, dtype=torch.bool).tril(k - q)[None, None]
                 from_mask = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
                 from_mask = from_mask.expand(from_geometry.shape[0], -1, -1, -1)[:, 0]
-                real = (call.query.abs().sum((1, 3)) > 0) & torch.ones_like(q_pos, dtype=torch.bool)
-                rows = real & (k_valid.any(1, keepdim=True))
-                if call.phase == "prefill":  # only real tokens' rows are defined (padding / fill rows are not)
-                    rows = k_valid.gather(1, torch.searchsorted(k_pos, q_pos).clamp_max(k_pos.shape[1] - 1))
+                # prefill: queries are the key slots, and only real tokens' rows are defined (not padding/fill);
+                # decode: every query is a new token
+                rows = k_valid if call.phase == "prefill" else torch.ones_like(q_pos, dtype=torch.bool)
                 agree = (from_geometry == from_mask) | ~rows[:, :, None]
                 outer.seen.append((call.phase, layer, bool(agree.all())))
 

@@ -33,3 +33,19 @@ def test_bench_cli_on_cpu(tmp_path):
     assert fastv["kv_visual_ratio"] < 1.0 and none["kv_visual_ratio"] == 1.0
     assert all(r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
     assert (out / "bench.png").stat().st_size > 0 and "| fastv |" in (out / "bench.md").read_text()
+
+
+def test_bench_synthesises_inputs_for_every_family(tiny_model_dir):
+    import torch
+
+    from mmeff.models import adapter_for
+    from mmeff.models.factory import FAMILIES, load_tiny
+
+    for family in FAMILIES:
+        model, _ = load_tiny(tiny_model_dir(family))
+        size = (64, 96) if family != "llava" else None
+        inputs = speed.synth_inputs(model, batch=2, images=2, size=size)
+        spans = adapter_for(model).spans(inputs["input_ids"], inputs)
+        assert [len(s) for s in spans] == [2, 2], family
+        with torch.no_grad():
+            assert torch.isfinite(model(**inputs).logits).all(), family
