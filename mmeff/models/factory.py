@@ -44,6 +44,8 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
+from mmeff.models.templates import LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE
+
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
 _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -72,24 +74,6 @@ _LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
-# LLaVA-1.5 / LLaVA-NeXT (vicuna) prompt format: images first, then text, "ASSISTANT:" as generation prompt.
-_LLAVA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
-    "{% endif %}{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endfor %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-# Qwen ChatML with the default system prompt, as in the Qwen2-VL / Qwen2.5-VL instruct checkpoints.
-_QWEN_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 # Small English corpus (COCO objects + POPE/CHAIR-style prompts) so common words become few BPE tokens.
 _OBJECTS = (
@@ -164,13 +148,13 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast) -> Process
         ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=8,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                              chat_template=_LLAVA_TEMPLATE)
+                              chat_template=LLAVA_CHAT_TEMPLATE)
     if family == "llava_next":
         ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                         image_grid_pinpoints=_NEXT_PINPOINTS)
         return LlavaNextProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=8,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                  chat_template=_LLAVA_TEMPLATE)
+                                  chat_template=LLAVA_CHAT_TEMPLATE)
     # Pass `size` explicitly: 5.17's video processor mutates its class-level default `size` otherwise.
     vision = {"size": {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS},
               "patch_size": _QWEN_PATCH, "merge_size": _QWEN_MERGE, "temporal_patch_size": 2}
@@ -180,8 +164,8 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast) -> Process
 
         cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
         return cls(image_processor=ip, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(**vision),
-                   chat_template=_QWEN_TEMPLATE)
-    return _QWEN_NO_VIDEO[family](image_processor=ip, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE)
+                   chat_template=QWEN_CHAT_TEMPLATE)
+    return _QWEN_NO_VIDEO[family](image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
 
 
 def _build_config(family: str, tok: PreTrainedTokenizerFast, num_layers: int) -> PreTrainedConfig:

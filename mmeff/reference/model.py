@@ -42,6 +42,8 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from mmeff.models.templates import LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE
+
 from ..models.factory import Qwen2VLProcessorNoVideo
 from .scenes import make_scene
 from .synthetic import MME_SUFFIX, POPE_TEMPLATE, TRAIN_SEEDS
@@ -83,23 +85,7 @@ _LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 _QWEN_SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
-# LLaVA-1.5 (vicuna v1) single-image format, as the llava-hf checkpoints' template writes it.
-_LLAVA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
-    "{% endif %}{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endfor %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 _QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-_QWEN_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}{{ '" + _QWEN_SYSTEM.replace("\n", "\\n") + "' }}{% endif %}"
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 # Model sizes (see module docstring); ~7M parameters each, ~14 MB in fp16.
 _TEXT = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 6, "num_attention_heads": 4,
@@ -198,12 +184,12 @@ def build_processor(arch: str, tokenizer: PreTrainedTokenizerFast) -> ProcessorM
                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
         return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=_CLIP["patch_size"],
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                              chat_template=_LLAVA_TEMPLATE)
+                              chat_template=LLAVA_CHAT_TEMPLATE)
     pixels = IMAGE_SIZE * IMAGE_SIZE  # min = max: every image becomes 224 x 224 -> 256 merged tokens
     ip = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=_QWEN_PATCH,
                                   merge_size=_QWEN_MERGE, temporal_patch_size=2)
     # Image processing is the stock Qwen2-VL code; only the torchvision-bound video processor is left out.
-    return Qwen2VLProcessorNoVideo(image_processor=ip, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE)
+    return Qwen2VLProcessorNoVideo(image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
 
 
 def _config(arch: str, tok: PreTrainedTokenizerFast) -> LlavaConfig | Qwen2VLConfig:
