@@ -70,8 +70,8 @@ class State:
 
     def kept_visual_per_layer(self, n_layers: int) -> torch.Tensor:
         """[B, n_layers] number of visual tokens each layer attends to (measured from the groups)."""
-        counts = [self.visual_in_group(self.group_for(layer)).sum(1) for layer in range(n_layers)]
-        return torch.stack(counts, 1)
+        per_group = {id(g): self.visual_in_group(g).sum(1) for g in self.groups}  # a few groups, many layers
+        return torch.stack([per_group[id(self.group_for(layer))] for layer in range(n_layers)], 1)
 
 
 def identity_group(batch: int, n: int, device: torch.device) -> Group:
