@@ -201,6 +201,9 @@ class Pipeline:
             if inputs.get(key) is None:
                 inputs[key] = value
         self._encoder_inputs = {}
+        if inputs.get("attention_mask") is None and inputs.get("input_ids") is not None:
+            # generate drops an all-ones mask (unpadded batches): methods always see one
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         self.state = self._new_state(inputs)
         for m in self.methods:
             m.begin(self.state, inputs)

@@ -17,7 +17,7 @@ from mmeff.methods.var import discover_sink_dims, redistribute, sink_scores
 from mmeff.methods.vcd import add_diffusion_noise, contrast
 from mmeff.methods.vhr import head_divergence, reinforced_heads
 from mmeff.models import adapter_for
-from mmeff.models.factory import make_inputs, random_image
+from mmeff.models.factory import load_tiny, make_inputs, random_image
 from tests.test_wrap import batch
 
 GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -158,7 +158,7 @@ def test_vhr_divergence_matches_two_unwrapped_runs(models):
     heads = sdpa.config.text_config.num_attention_heads
     vhd, t = head_divergence(*(s.view(2, heads, -1) for s in seen))
     want = torch.where(reinforced_heads(vhd, t), 2.0, 1.0)
-    with mmeff.wrap(sdpa, "vhr", layers=(layer,)) as handle:
+    with mmeff.wrap(sdpa, "vhr", layers=(layer,), layers_of=0) as handle:
         sdpa(**inputs)
         got = handle.pipeline.state.scratch["vhr"]["scale"][layer]
         assert "vhr_extra_ms" in handle.stats
@@ -225,3 +225,19 @@ def test_contrastive_streams_match_full_recompute(models):
             g = torch.Generator().manual_seed(0)
             torch.testing.assert_close(side_in["pixel_values"], add_diffusion_noise(inputs["pixel_values"], 500, g))
         del ref
+
+
+def test_vhr_paper_layers_scale_to_other_depths():
+    from mmeff.methods.vhr import VHRConfig, effective_layers
+
+    paper = VHRConfig(layers=(1, *range(18, 32)), layers_of=32)
+    assert effective_layers(paper, 32) == paper.layers
+    assert effective_layers(paper, 6) == (0, 3, 4, 5)  # 1 -> 0, 18..31 -> 3..5 (the last layer clamps)
+    assert effective_layers(VHRConfig(layers=(2, 3)), 6) == (2, 3)  # layers_of = 0: absolute
+
+
+def test_var_refuses_sink_dims_of_another_language_model(tiny_model_dir):
+    model, _ = load_tiny(tiny_model_dir("llava"))
+    expected = r"no sink dimensions for this 64-wide decoder \(known for widths \['4096'\]"
+    with pytest.raises(mmeff.ConfigError, match=expected):
+        mmeff.wrap(model, "var")  # the preset's LLaMA-2-7B dims on a 64-wide decoder

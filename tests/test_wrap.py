@@ -170,3 +170,27 @@ def test_suspended_runs_the_unwrapped_model(family_model):
         assert stats["prefill_ms"] > 0 and stats["visual_tokens_kept"] < stats["visual_tokens_in"]
     torch.testing.assert_close(inner, ref, rtol=0, atol=0)
     assert not torch.allclose(pruned[:, -1], ref[:, -1])
+
+
+@torch.no_grad()
+def test_methods_see_an_attention_mask_when_generate_drops_it(family_model):
+    """Unpadded batches: transformers' generate passes no attention_mask; the state and methods get all ones."""
+    _, model, processor = family_model
+    inputs = make_inputs(processor, ["describe the picture"], [[random_image(1, SIZES[0])]])
+    seen = {}
+
+    class Spy(Method):
+        def begin(self, state, inputs):
+            seen["mask"] = inputs.get("attention_mask")
+            seen["state"] = state.attention_mask
+
+    adapter = mmeff.models.adapter_for(model)
+    pipe = mmeff.api.Pipeline(model, adapter, [Spy(mmeff.NoneConfig(), adapter)])
+    pipe.attach()
+    try:
+        model.generate(input_ids=inputs["input_ids"], **{k: v for k, v in inputs.items() if k not in (
+            "input_ids", "attention_mask")}, max_new_tokens=2, do_sample=False)
+    finally:
+        pipe.detach()
+    assert torch.equal(seen["mask"], torch.ones_like(inputs["input_ids"]))
+    assert torch.equal(seen["state"], seen["mask"])

@@ -29,7 +29,7 @@ prefill). Only the layers VAR modifies take the eager path.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,7 +46,10 @@ from mmeff.state import State
 @dataclass(frozen=True)
 class VARConfig(MethodConfig):
     method = "var"
-    sink_dims: tuple[int, ...] = ()
+    sink_dims: tuple[int, ...] = ()  # explicit sink dimensions (take precedence)
+    # known sink dimensions by decoder width (presets: the language model they were found in), used when
+    # ``sink_dims`` is empty: {"4096": [2533, 1415]} for LLaMA-2-7B / Vicuna-7B
+    sink_dims_by_width: dict[str, Any] = field(default_factory=dict)
     tau: float = 20.0
     rho: float = 0.5
     summ: float = 0.2
@@ -119,14 +122,16 @@ class VAR(Method):
 
     def validate(self, n_layers: int) -> None:
         c = self.config
-        if not c.sink_dims:
-            raise ConfigError(
-                f"var: no sink_dims for family {self.adapter.family!r}; find them with "
-                "mmeff.methods.var.discover_sink_dims(model, processor, samples) and set sink_dims "
-                "(presets: [var.families.<family>] sink_dims = [...])"
-            )
         hidden = self.adapter.text_config.hidden_size
-        bad = [d for d in c.sink_dims if not 0 <= d < hidden]
+        self.sink_dims = tuple(c.sink_dims) or tuple(c.sink_dims_by_width.get(str(hidden), ()))
+        if not self.sink_dims:
+            known = sorted(c.sink_dims_by_width)
+            raise ConfigError(
+                f"var: no sink dimensions for this {hidden}-wide decoder (known for widths {known}); sink "
+                "dimensions belong to one language model: find this model's with "
+                "mmeff.methods.var.discover_sink_dims(model, processor, samples) and pass sink_dims=[...]"
+            )
+        bad = [d for d in self.sink_dims if not 0 <= d < hidden]
         if bad:
             raise ConfigError(f"var: sink_dims {bad} outside the decoder's hidden size {hidden}")
         if not 0 <= c.start_layer < n_layers:
@@ -153,7 +158,7 @@ class VAR(Method):
             if st is None or not self._active(layer, st):
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
-            flags = sink_scores(hidden, self.config.sink_dims) > self.config.tau
+            flags = sink_scores(hidden, self.sink_dims) > self.config.tau
             data = st.scratch.setdefault("var", {"sink": {}, "selected": {}})
             if st.phase == "prefill":
                 g = st.group_for(layer)

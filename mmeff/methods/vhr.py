@@ -37,6 +37,17 @@ class VHRConfig(MethodConfig):
     method = "vhr"
     alpha: float = 2.0
     layers: tuple[int, ...] | None = None  # 0-based decoder layers; None: all
+    layers_of: int = 0  # decoder depth ``layers`` are written for (scaled to the model's depth); 0: absolute
+
+
+def effective_layers(config: VHRConfig, n_layers: int) -> tuple[int, ...] | None:
+    """The layers VHR reinforces on an ``n_layers`` decoder (paper layers of a deeper model scaled down)."""
+    if config.layers is None:
+        return None
+    if config.layers_of <= 0 or config.layers_of == n_layers:
+        return tuple(config.layers)
+    scaled = (min(n_layers - 1, round(i * n_layers / config.layers_of)) for i in config.layers)
+    return tuple(sorted(set(scaled)))
 
 
 def head_divergence(with_image: torch.Tensor, text_only: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,12 +76,13 @@ class VHR(Method):
 
     def validate(self, n_layers: int) -> None:
         c = self.config
-        if c.layers is not None and not all(0 <= i < n_layers for i in c.layers):
-            raise ConfigError(f"vhr: layers {list(c.layers)} outside [0, {n_layers - 1}]")
+        layers = effective_layers(c, n_layers)
+        if layers is not None and not all(0 <= i < n_layers for i in layers):
+            raise ConfigError(f"vhr: layers {list(layers)} outside [0, {n_layers - 1}]")
         if c.alpha <= 0:
             raise ConfigError(f"vhr: alpha must be > 0, got {c.alpha}")
         self.heads = self.adapter.text_config.num_attention_heads
-        self.active = set(range(n_layers) if c.layers is None else c.layers)
+        self.active = set(range(n_layers) if layers is None else layers)
         self._side = False
 
     def attach(self, pipeline: Pipeline) -> None:
