@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--init-from", default="", help="start from this saved model folder (fresh optimiser)")
+    ap.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary per-token category loss")
+    ap.add_argument("--aux-minutes", type=float, default=0.0, help="train with it for this long (0: always)")
     args = ap.parse_args(argv)
     if args.prepare:
         prepare_data(args.data, args.images, draws=args.draws, workers=args.workers)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(arch=args.arch, data_dir=args.data, out_dir=args.out or f"out/{args.arch}",
                       minutes=args.minutes, total_minutes=args.total_minutes, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
-                      init_from=args.init_from)
+                      init_from=args.init_from, aux_weight=args.aux_weight, aux_minutes=args.aux_minutes)
     train(cfg, resume=args.resume)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -79,13 +80,13 @@ def test_gpu_preprocessing_matches_processor(arch: str, loaded) -> None:
     _, processor = loaded
     seeds = [11, 12, 13]
     rendered = [render_scene(s, draws=1) for s in seeds]
-    pixels = torch.from_numpy(np.stack([p for p, _ in rendered]))
+    pixels = torch.from_numpy(np.stack([p for p, _, _ in rendered]))
     mine = gpu_pixel_inputs(pixel_lut(processor), processor, pixels)
-    ref = processor.image_processor(images=[Image.fromarray(p) for p, _ in rendered], return_tensors="pt")
+    ref = processor.image_processor(images=[Image.fromarray(p) for p, _, _ in rendered], return_tensors="pt")
     assert set(mine) <= set(ref)
     for k, v in mine.items():
         assert torch.equal(v, ref[k]), k
-    texts = [qa for _, qa in rendered]
+    texts = [qa for _, qa, _ in rendered]
     ex = encode_examples(arch, processor.tokenizer, texts)
     flat = [(i, q, a) for i, draws in enumerate(texts) for qa in draws for q, a in qa]
     idx = torch.tensor([0, 3, len(flat) - 1])
@@ -122,3 +123,32 @@ def test_attention_on_asked_object(arch: str, loaded) -> None:
                                       f"Is there {article(cat)} {cat} in the image?" + POPE_SUFFIX)
         ratios.append(r)
     assert float(np.mean(ratios)) >= 3.0, ratios
+
+
+def test_patch_labels_follow_boxes_and_draw_order() -> None:
+    from mmeff.reference.scenes import Scene, SceneObject
+    from mmeff.reference.training import patch_labels
+    from mmeff.reference.vocab import CATEGORIES
+
+    a, b = CATEGORIES[0], CATEGORIES[1]
+    big = SceneObject(a, "red", (255, 0, 0), 0.5, 0.5, 0.3, 1.0, 0.0, (0.0, 0.0, 0.5, 0.5))
+    top = SceneObject(b, "blue", (0, 0, 255), 0.3, 0.3, 0.1, 1.0, 0.0, (0.25, 0.25, 0.5, 0.5))
+    scene = Scene(seed=0, groups=("kitchen",), objects=(big, top))
+    lab = patch_labels(scene, grid=4)  # cell centres at 0.125, 0.375, 0.625, 0.875
+    expected = np.zeros((4, 4), dtype=np.uint8)
+    expected[:2, :2] = 1  # the first category covers the top-left quadrant
+    expected[1, 1] = 2  # the later (top-most) object wins where both cover the centre
+    assert np.array_equal(lab, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auxiliary_vision_loss_trains_on_cpu(arch: str, tmp_path) -> None:
+    from mmeff.reference.training import TrainConfig, prepare_data, train
+
+    data = prepare_data(tmp_path / "data", 4, draws=1, workers=1)
+    assert np.load(data / "labels.npy").shape == (4, 16, 16)
+    cfg = TrainConfig(arch=arch, data_dir=str(data), out_dir=str(tmp_path / arch), minutes=1.0, total_minutes=0.02,
+                      batch_size=2, warmup_steps=1, device="cpu", aux_weight=1.0, log_every=1)
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / arch / "train_log.jsonl").read_text().splitlines()]
+    assert log and all(np.isfinite(r["aux_loss"]) and r["aux_loss"] > 0 for r in log)

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .model import IMAGE_SIZE, NUM_VISUAL_TOKENS, answer_text, build_model, chat_prompt, save_reference
-from .scenes import make_scene, render
+from .model import IMAGE_SIZE, NUM_VISUAL_TOKENS, TOKEN_GRID, answer_text, build_model, chat_prompt, save_reference
+from .scenes import Scene, make_scene, render
 from .synthetic import JPEG_QUALITY, TRAIN_SEEDS
 from .text import training_examples
+from .vocab import CATEGORIES
 
 __all__ = ["Examples", "TrainConfig", "batch_inputs", "encode_examples", "gpu_pixel_inputs", "pixel_lut",
            "prepare_data", "render_scene", "train"]
@@ -38,17 +39,33 @@ __all__ = ["Examples", "TrainConfig", "batch_inputs", "encode_examples", "gpu_pi
 # ---------------------------------------------------------------- data
 
 
-def render_scene(seed: int, draws: int = 2) -> tuple[np.ndarray, list[list[tuple[str, str]]]]:
-    """(H, W, 3) uint8 pixels of the scene after a JPEG round trip, and ``draws`` sets of (question, answer)."""
+def patch_labels(scene: Scene, grid: int = TOKEN_GRID) -> np.ndarray:
+    """(grid, grid) uint8: per visual-token cell, 1 + the category index of the top-most object whose box holds
+    the cell centre, 0 for background (objects are drawn in order, later ones on top). Targets of the optional
+    auxiliary vision loss."""
+    labels = np.zeros((grid, grid), dtype=np.uint8)
+    centre = (np.arange(grid) + 0.5) / grid
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        rows = (centre >= y0) & (centre <= y1)
+        cols = (centre >= x0) & (centre <= x1)
+        inside = rows[:, None] & cols[None, :]
+        labels[inside] = CATEGORIES.index(obj.category) + 1
+    return labels
+
+
+def render_scene(seed: int, draws: int = 2) -> tuple[np.ndarray, list[list[tuple[str, str]]], np.ndarray]:
+    """(H, W, 3) uint8 pixels of the scene after a JPEG round trip, ``draws`` sets of (question, answer), and the
+    scene's per-cell category labels (:func:`patch_labels`)."""
     scene = make_scene(seed)
     buf = io.BytesIO()
     render(scene, IMAGE_SIZE).save(buf, format="JPEG", quality=JPEG_QUALITY)
     pixels = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     qa = [training_examples(scene, np.random.default_rng([seed, 23, d])) for d in range(draws)]
-    return pixels, qa
+    return pixels, qa, patch_labels(scene)
 
 
-def _render_star(args: tuple[int, int]) -> tuple[np.ndarray, list[list[tuple[str, str]]]]:
+def _render_star(args: tuple[int, int]) -> tuple[np.ndarray, list[list[tuple[str, str]]], np.ndarray]:
     return render_scene(*args)
 
 
@@ -56,7 +73,7 @@ def prepare_data(out_dir: str | Path, n_images: int, *, draws: int = 2, workers:
                  first_seed: int = 0) -> Path:
     """Render ``n_images`` training scenes into ``out_dir/images.npy`` + ``texts.json`` (skipped if present)."""
     out = Path(out_dir)
-    meta = {"n_images": n_images, "draws": draws, "first_seed": first_seed, "image_size": IMAGE_SIZE}
+    meta = {"n_images": n_images, "draws": draws, "first_seed": first_seed, "image_size": IMAGE_SIZE, "labels": 1}
     if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()) == meta:
         return out
     if first_seed < TRAIN_SEEDS.start or first_seed + n_images > TRAIN_SEEDS.stop:
@@ -65,14 +82,17 @@ def prepare_data(out_dir: str | Path, n_images: int, *, draws: int = 2, workers:
     images = np.lib.format.open_memmap(out / "images.tmp.npy", mode="w+", dtype=np.uint8,
                                        shape=(n_images, IMAGE_SIZE, IMAGE_SIZE, 3))
     texts: list[list[list[tuple[str, str]]]] = []
+    labels = np.zeros((n_images, TOKEN_GRID, TOKEN_GRID), dtype=np.uint8)
     jobs = [(first_seed + i, draws) for i in range(n_images)]
     with get_context("fork").Pool(workers) as pool:
-        for i, (pix, qa) in enumerate(pool.imap(_render_star, jobs, chunksize=64)):
+        for i, (pix, qa, lab) in enumerate(pool.imap(_render_star, jobs, chunksize=64)):
             images[i] = pix
             texts.append(qa)
+            labels[i] = lab
     images.flush()
     del images
     os.replace(out / "images.tmp.npy", out / "images.npy")
+    np.save(out / "labels.npy", labels)
     _write_json(out / "texts.json", texts)
     _write_json(out / "meta.json", meta)
     return out
@@ -224,6 +244,10 @@ class TrainConfig:
     log_every: int = 25
     device: str = "cuda"
     init_from: str = ""  # a saved model folder to start from (continue training with a fresh optimiser)
+    # auxiliary vision loss: per visual token, predict the category under it (patch_labels) from the projected
+    # features through a throw-away linear head, weighted ``aux_weight`` for the first ``aux_minutes`` of training
+    aux_weight: float = 0.0
+    aux_minutes: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -240,6 +264,30 @@ def _batches(n: int, batch: int, gen: torch.Generator, device: str) -> Iterator[
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - batch + 1, batch):
             yield perm[i:i + batch].to(device)
+
+
+class _AuxVisionLoss:
+    """Cross-entropy of a throw-away linear head on the projected visual tokens against :func:`patch_labels`
+    (object cells only): a direct training signal for the vision tower, which the language loss alone reaches
+    only once the model has learnt to look. The features are caught by a hook on the projector's output."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, data: Path) -> None:
+        if not (data / "labels.npy").is_file():
+            raise ValueError(f"{data}: no labels.npy for the auxiliary vision loss; re-run --prepare")
+        self.labels = torch.from_numpy(np.load(data / "labels.npy")).long().to(cfg.device)
+        base = model.model
+        projector = base.multi_modal_projector if hasattr(base, "multi_modal_projector") else base.visual.merger
+        self.feats: torch.Tensor | None = None
+        projector.register_forward_hook(lambda module, args, out: setattr(self, "feats", out))
+        width = model.config.text_config.hidden_size
+        self.head = torch.nn.Linear(width, len(CATEGORIES) + 1).to(cfg.device)
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.feats.reshape(images.shape[0], NUM_VISUAL_TOKENS, -1)
+        target = self.labels[images].reshape(images.shape[0], -1)
+        target = torch.where(target > 0, target, torch.full_like(target, -100))
+        logits = self.head(feats).float()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
@@ -259,16 +307,20 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                   ex.image_pos, ex.pad_id, ex.image_token_id)
     lut = pixel_lut(processor).to(cfg.device)
     model.to(cfg.device).train()
+    aux = _AuxVisionLoss(model, cfg, data) if cfg.aux_weight > 0 else None
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98),
-                            fused=cfg.device.startswith("cuda"))
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if aux is not None:
+        groups.append({"params": list(aux.head.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=cfg.device.startswith("cuda"))
     step, trained_s = 0, 0.0
     gen = torch.Generator().manual_seed(cfg.seed)
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
         model.load_state_dict(state["model"])
+        if aux is not None and "aux_head" in state:
+            aux.head.load_state_dict(state["aux_head"])
         opt.load_state_dict(state["optim"])
         step, trained_s = state["step"], state["trained_s"]
         gen.set_state(state["gen"])
@@ -280,12 +332,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     def save_checkpoint() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "trained_s": trained_s,
-                    "gen": gen.get_state(), "config": cfg.__dict__}, tmp)
+                    "gen": gen.get_state(), "config": cfg.__dict__,
+                    **({"aux_head": aux.head.state_dict()} if aux is not None else {})}, tmp)
         os.replace(tmp, ckpt_path)
 
     use_amp = cfg.device.startswith("cuda")
     deadline = t_start + cfg.minutes * 60 - 25  # leave time to save
-    last_ckpt, running, t_seg, lr = time.time(), 0.0, time.time(), 0.0
+    last_ckpt, running, aux_running, t_seg, lr = time.time(), 0.0, 0.0, time.time(), 0.0
     batches = _batches(len(ex.length), cfg.batch_size, gen, cfg.device)
     with open(log_path, "a") as log:
         while time.time() < deadline and trained_s < cfg.total_minutes * 60:
@@ -297,6 +350,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 g["lr"] = lr
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 loss = model(**inputs, **pix).loss
+                if aux is not None and (cfg.aux_minutes <= 0 or trained_s < cfg.aux_minutes * 60):
+                    aux_loss = aux.loss(ex.image[idx])
+                    aux_running += aux_loss.detach()
+                    loss = loss + cfg.aux_weight * aux_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -308,7 +365,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 trained_s += now - t_seg
                 t_seg = now
                 rec = {"step": step, "loss": float(running) / cfg.log_every, "lr": lr, "time": round(trained_s, 2)}
-                running = 0.0
+                if aux is not None:
+                    rec["aux_loss"] = float(aux_running) / cfg.log_every
+                running, aux_running = 0.0, 0.0
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 if step % (cfg.log_every * 20) == 0:
