@@ -286,7 +286,8 @@ class _AuxVisionLoss:
         feats = self.feats.reshape(images.shape[0], NUM_VISUAL_TOKENS, -1)
         target = self.labels[images].reshape(images.shape[0], -1)
         target = torch.where(target > 0, target, torch.full_like(target, -100))
-        logits = self.head(feats).float()
+        # normalised: the projector's outputs are large at the start, and raw logits would swamp the language loss
+        logits = self.head(torch.nn.functional.layer_norm(feats.float(), feats.shape[-1:]))
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
