@@ -275,12 +275,7 @@ class Pipeline:
             valid = g.valid if pad is None else g.valid & torch.gather(pad.bool(), 1, g.index)
             if st.phase == "prefill":
                 return g.index, g.index, valid
-            q = st.scratch.get("step_tokens", 1)
-            start = st.n_prompt + st.decoded
-            new = torch.arange(st.n_prompt, start + q, device=g.index.device).expand(g.index.shape[0], -1)
-            k_pos = torch.cat([g.index, new], 1)
-            k_valid = torch.cat([valid, torch.ones_like(new, dtype=torch.bool)], 1)
-            return new[:, -q:], k_pos, k_valid
+            return st.decode_slots(g, valid)
 
         return geometry
 
@@ -329,16 +324,10 @@ class Pipeline:
                 mask, g, lambda m: restrict_mask(m, g.index, g.index, g.valid, n_slots, (g.index, g.index))
             )
         else:
-            q = st.scratch.get("step_tokens", 1)
-            past = st.decoded
-            new = torch.arange(st.n_prompt, st.n_prompt + past + q, device=g.index.device)
-            k_index = torch.cat([g.index, new.expand(g.index.shape[0], -1)], 1)
-            k_valid = torch.cat([g.valid, torch.ones_like(k_index[:, n_slots:], dtype=torch.bool)], 1)
-            q_pos = torch.arange(st.n_prompt + past, st.n_prompt + past + q, device=g.index.device)
+            q_pos, k_index, k_valid = st.decode_slots(g)  # the mask itself carries the padding
             mask = kwargs.get("attention_mask")
-            causal = (q_pos.expand(k_index.shape[0], -1), k_index)
             kwargs["attention_mask"] = self._memoised(
-                mask, g, lambda m: restrict_mask(m, None, k_index, k_valid, q, causal)
+                mask, g, lambda m: restrict_mask(m, None, k_index, k_valid, q_pos.shape[1], (q_pos, k_index))
             )
 
     def _memoised(self, value: Any, g: Group, fn: Any) -> Any:

@@ -60,6 +60,16 @@ class State:
                 g = cand
         return g
 
+    def decode_slots(self, g: Group, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """At a decode step, a layer of group ``g`` attends to its prompt slots followed by every decoded token:
+        (query positions [B, q], key positions [B, slots + decoded + q], key validity (``valid`` of the prompt
+        slots, default ``g.valid``; decoded tokens always valid)), in original coordinates."""
+        q = self.scratch.get("step_tokens", 1)
+        start = self.n_prompt + self.decoded
+        new = torch.arange(self.n_prompt, start + q, device=g.index.device).expand(g.index.shape[0], -1)
+        k_valid = torch.cat([g.valid if valid is None else valid, torch.ones_like(new, dtype=torch.bool)], 1)
+        return new[:, -q:], torch.cat([g.index, new], 1), k_valid
+
     def visual_in_group(self, g: Group) -> torch.Tensor:
         """[B, L] bool: which slots of a group are (valid) visual tokens."""
         return torch.gather(self.visual, 1, g.index) & g.valid
