@@ -142,13 +142,38 @@ def test_patch_labels_follow_boxes_and_draw_order() -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_auxiliary_vision_loss_trains_on_cpu(arch: str, tmp_path) -> None:
+def test_auxiliary_vision_loss_trains_on_cpu(arch: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     from mmeff.reference.training import TrainConfig, prepare_data, train
 
     data = prepare_data(tmp_path / "data", 4, draws=1, workers=1)
     assert np.load(data / "labels.npy").shape == (4, 16, 16)
     cfg = TrainConfig(arch=arch, data_dir=str(data), out_dir=str(tmp_path / arch), minutes=1.0, total_minutes=0.02,
-                      batch_size=2, warmup_steps=1, device="cpu", aux_weight=1.0, log_every=1)
+                      batch_size=2, warmup_steps=1, device="cpu", aux_weight=1.0, log_every=1, probe_scenes=2)
     train(cfg)
     log = [json.loads(line) for line in (tmp_path / arch / "train_log.jsonl").read_text().splitlines()]
     assert log and all(np.isfinite(r["aux_loss"]) and r["aux_loss"] > 0 for r in log)
+    out = capsys.readouterr().out
+    acc = float(out.split("validation existence accuracy ")[-1].split()[0])
+    assert 0.0 <= acc <= 1.0
+
+
+def test_qwen_training_speedups_equal_stock_forward(tmp_path) -> None:
+    """Batched vision attention + precomputed M-RoPE ids give the stock Qwen2-VL loss and logits."""
+    from mmeff.reference.model import build_model
+    from mmeff.reference.training import _QwenTrainingSpeedups
+
+    texts = [render_scene(HELDOUT_SEED_BASE + i, draws=1)[1] for i in range(3)]
+    pixels = torch.from_numpy(np.stack([render_scene(HELDOUT_SEED_BASE + i, draws=1)[0] for i in range(3)]))
+    model, processor = build_model("qwen2vl", seed=1)
+    model.eval()
+    ex = encode_examples("qwen2vl", processor.tokenizer, texts)
+    idx = torch.tensor([0, 5, len(ex.length) - 1])  # ragged widths, three different images
+    inputs = batch_inputs(ex, idx, "qwen2vl")
+    pix = gpu_pixel_inputs(pixel_lut(processor), processor, pixels[ex.image[idx]])
+    with torch.no_grad():
+        ref = model(**inputs, **pix)
+        fast = _QwenTrainingSpeedups(model, ex, processor)
+        out = model(**inputs, **pix, position_ids=fast.position_ids_for(inputs["input_ids"]))
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[valid], ref.logits[valid], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, atol=2e-6, rtol=1e-5)
