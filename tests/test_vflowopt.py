@@ -117,6 +117,9 @@ def test_recycle_plan_cells_weighted_mean_and_placement():
     w = torch.tensor([1.0, 3.0, 0.0, 4.0])
     torch.testing.assert_close(merge_cell(x, w), (w[:, None] * x).sum(0) / 8.0)
     torch.testing.assert_close(merge_cell(x, torch.zeros(4)), x.mean(0))
+    # ablation: no recycling keeps exactly the top round(N r_v) = 8 tokens and forms no cell
+    kept, cells = recycle_plan(scores, tile, row, col, r_v=0.5, m=2.0, recycle=False)
+    assert cells == [] and kept.nonzero().flatten().tolist() == [0, 1, 8, 9, 10, 11, 14, 15]
 
 
 def test_budget_constraint():

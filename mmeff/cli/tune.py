@@ -18,6 +18,7 @@ def vflowopt(
     samples: int = typer.Option(30, help="tuning samples (the paper: 30)"),
     data: Path | None = typer.Option(None, help="JSON-lines file of {image, text}; default: reference TRAIN scenes"),
     seed: int = typer.Option(42, help="sampler seed"),
+    batch_size: int = typer.Option(8, help="samples per forward pass (left-padded batches)"),
     device: str = typer.Option("cuda" if __import__("torch").cuda.is_available() else "cpu", help="torch device"),
 ) -> None:
     """Maximise the summed cosine of the first generation step's last hidden state (full vs pruned)."""
@@ -29,8 +30,11 @@ def vflowopt(
     processor = AutoProcessor.from_pretrained(model)
     net = AutoModelForImageTextToText.from_pretrained(model, attn_implementation="sdpa").to(device).eval()
     items = load_jsonl(data, samples) if data is not None else reference_samples(samples)
-    batches = [make_inputs(processor, [s.text], [[s.image]]).to(device) for s in items]
-    cfg, score = tune_vflowopt(net, batches, budget=budget, trials=trials,
+    if batch_size < 1:
+        raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    batches = [make_inputs(processor, [s.text for s in c], [[s.image] for s in c]).to(device) for c in chunks]
+    cfg, score = tune_vflowopt(net, batches, budget=budget, trials=trials, seed=seed,
                                progress=lambda i, v: typer.echo(f"trial {i}: {v:.4f}"))
     name = output.stem
     write_preset(output, name, cfg, f"VFlowOpt tuned for budget {budget} on {len(items)} samples "

@@ -52,6 +52,7 @@ class VFlowOptConfig(MethodConfig):
     llm_ratios: tuple[float, ...] = (1.0, 0.6011)  # share of the remaining tokens each stage keeps
     layers_of: int = 28  # decoder depth llm_layers are written for (scaled to the model's depth); 0: absolute
     budget: float | None = None  # if set: the last ratio is solved so the averaged budget equals this
+    recycle: bool = True  # False (ablation): drop the lowest tokens outright, keeping the top round(N r_v)
     pixel_mean: tuple[float, ...] = CLIP_MEAN  # image processor normalisation, to recover the grey levels
     pixel_std: tuple[float, ...] = CLIP_STD
 
@@ -119,22 +120,23 @@ def combine(attn: torch.Tensor, entropy: torch.Tensor, alpha_v: float) -> torch.
 
 
 def recycle_plan(scores: torch.Tensor, tile: torch.Tensor, row: torch.Tensor, col: torch.Tensor, r_v: float,
-                 m: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                 m: float, recycle: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Input-stage decision for one image's N non-layout tokens (scores, tile/row/col: [N]).
 
     Returns (kept [N] bool, cells): ``cells`` lists each recycled cell's member indices, the representative
     (highest score, earliest on ties) first; the representative is kept and receives the cell's merged token.
+    ``recycle=False`` (ablation) drops the ``round(N (1 - r_v))`` lowest tokens and forms no cells.
     """
     n = scores.shape[0]
     reduce = round(n * (1.0 - r_v))
-    n_low = min(n, reduce + int(n / (m * m)))
+    n_low = min(n, reduce + int(n / (m * m))) if recycle else reduce
     order = torch.sort(scores, stable=True).indices  # ascending: the lowest first
     low = order[:n_low]
     kept = torch.ones(n, dtype=torch.bool, device=scores.device)
     kept[low] = False
     key = torch.stack([tile[low], torch.floor(row[low] / m).long(), torch.floor(col[low] / m).long()], 1)
     cells: list[torch.Tensor] = []
-    if n_low:
+    if n_low and recycle:
         _, inverse = torch.unique(key, dim=0, return_inverse=True)
         for c in range(int(inverse.max()) + 1):
             members = low[inverse == c].sort().values
@@ -331,7 +333,8 @@ class VFlowOpt(Method):
                 s = scores[sp.image_index].to(dev)
                 full[b, pos] = s
                 kept, cells = recycle_plan(s, g["tile"][cand].to(dev), g["row"][cand].to(dev),
-                                           g["col"][cand].to(dev), self.r_v, self.config.m)
+                                           g["col"][cand].to(dev), self.r_v, self.config.m,
+                                                 self.config.recycle)
                 keep[b, pos] = kept
                 for members in cells:
                     new_hidden[b, pos[members[0]]] = merge_cell(hidden[b, pos[members]], s[members])

@@ -411,7 +411,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             aux.head.load_state_dict(state["aux_head"])
         opt.load_state_dict(state["optim"])
         step, trained_s = state["step"], state["trained_s"]
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())
     elif log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log
     print(f"[{cfg.arch}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(ex.length)} "
