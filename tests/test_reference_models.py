@@ -109,11 +109,11 @@ def test_object_token_mask() -> None:
     assert mask.shape == (NUM_VISUAL_TOKENS,) and 0 < int(mask.sum()) < NUM_VISUAL_TOKENS
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 acceptance not yet met: the shipped reference models are "
-                   "undertrained (mean ratio ~1.4 for LLaVA); strict, so reaching 3x turns this into a failure "
-                   "that asks to remove the mark")
-def test_attention_on_asked_object(arch: str, loaded) -> None:
+def test_attention_on_asked_object(arch: str, loaded, request: pytest.FixtureRequest) -> None:
     """Existence questions: the last prompt token attends >= 3x more to the asked object's tokens than on average."""
+    if arch == "qwen2vl":  # strict: reaching 3x turns this into a failure that asks to remove the mark
+        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 4: the Qwen2-VL reference answers from "
+                                              "the image but its last-token attention is diffuse (~1.6x)"))
     model, processor = loaded
     ratios = []
     for k in range(6):
