@@ -3,7 +3,7 @@
 # 7 (DyVTE / explain), 8 (ZipVL) and 9 (hallucination) on the shipped reference models, plus VFlowOpt tuning
 # on the reference TRAIN scenes. Stages run in priority order within one time budget; everything done lands in
 # $OUT/tables.tgz (also when a stage times out).
-#   run: bash scripts/gpu_tables.sh          (env: BUDGET_S=560 TRIALS=100 LIMIT=1000 DEVICE=cuda)
+#   run: bash scripts/gpu_tables.sh          (env: BUDGET_S=560 TRIALS=100 TUNE_S=45 LIMIT=1000 DEVICE=cuda)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 END=$((SECONDS + ${BUDGET_S:-560})); TRIALS=${TRIALS:-100}; LIMIT=${LIMIT:-1000}; DEVICE=${DEVICE:-cuda}
@@ -22,7 +22,7 @@ E="python3 -m mmeff.cli eval --device $DEVICE --batch-size 64 --no-progress --n-
 P=benchmarks/presets
 for b in 50 75 90; do
   step tune$b python3 -m mmeff.cli tune vflowopt --model mmeff/reference/weights/llava --budget 0.$b --trials $TRIALS \
-    --samples 30 --batch-size 30 --device $DEVICE --output $R/vflowopt-$b-tuned.toml
+    --samples 30 --batch-size 30 --timeout ${TUNE_S:-45} --device $DEVICE --output $R/vflowopt-$b-tuned.toml
 done
 # ablations of the tuned 90% preset: entropy off, recycling off (same kept-token count)
 python3 scripts/ablate_preset.py $R/vflowopt-90-tuned.toml $R 2>&1 | tail -3
@@ -32,7 +32,7 @@ step llava_prune $E --model reference-llava --tasks pope,mme --output $R/llava_p
 step llava_halluc $E --model reference-llava --tasks chair,pope_adversarial --chair-max-new-tokens 128 \
   --output $R/llava_halluc --preset var,vhr,fia,pai,vcd
 step llava_trained $E --model reference-llava --tasks pope,mme --output $R/llava_trained \
-  --preset dyvte,explain-50,explain-75,explain-90,zipvl
+  --preset "$P/fastv-ref-50.toml,$P/fastv-ref-75.toml,dyvte,explain-50,explain-75,explain-90,zipvl"
 step qwen_prune $E --model reference-qwen2vl --tasks pope,mme --output $R/qwen_prune \
   --preset "$P/fastv-ref-50.toml,$P/fastv-ref-75.toml,$P/fastv-ref-83.toml,vflowopt-50,vflowopt-75,vflowopt-90,dyvte,explain-50,zipvl"
 step qwen_halluc $E --model reference-qwen2vl --tasks chair,pope_adversarial --chair-max-new-tokens 128 \

@@ -19,6 +19,7 @@ def vflowopt(
     data: Path | None = typer.Option(None, help="JSON-lines file of {image, text}; default: reference TRAIN scenes"),
     seed: int = typer.Option(42, help="sampler seed"),
     batch_size: int = typer.Option(8, help="samples per forward pass (left-padded batches)"),
+    timeout: float | None = typer.Option(None, help="stop starting trials after this many seconds"),
     device: str = typer.Option("cuda" if __import__("torch").cuda.is_available() else "cpu", help="torch device"),
 ) -> None:
     """Maximise the summed cosine of the first generation step's last hidden state (full vs pruned)."""
@@ -34,7 +35,7 @@ def vflowopt(
         raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     batches = [make_inputs(processor, [s.text for s in c], [[s.image] for s in c]).to(device) for c in chunks]
-    cfg, score = tune_vflowopt(net, batches, budget=budget, trials=trials, seed=seed,
+    cfg, score = tune_vflowopt(net, batches, budget=budget, trials=trials, seed=seed, timeout=timeout,
                                progress=lambda i, v: typer.echo(f"trial {i}: {v:.4f}"))
     name = output.stem
     write_preset(output, name, cfg, f"VFlowOpt tuned for budget {budget} on {len(items)} samples "

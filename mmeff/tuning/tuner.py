@@ -98,6 +98,7 @@ def tune_vflowopt(
     vision_layer: int = -2,
     seed: int = 42,
     startup_trials: int | None = None,
+    timeout: float | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[VFlowOptConfig, float]:
     """Search the VFlowOpt config of ``budget`` that keeps the last-token state closest to the full model's.
@@ -136,7 +137,7 @@ def tune_vflowopt(
     startup = startup_trials if startup_trials is not None else min(27, max(1, trials // 3))
     sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    study.optimize(objective, n_trials=trials)
+    study.optimize(objective, n_trials=trials, timeout=timeout)  # timeout: stop after the trial in flight
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise ConfigError(f"no tuning trial met the budget {budget} constraint in {trials} trials; use more trials")
