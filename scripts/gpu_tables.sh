@@ -30,10 +30,10 @@ V=$(ls $R/vflowopt-*-tuned.toml $R/vflowopt-90-tuned-*.toml 2>/dev/null | paste 
 step llava_prune $E --model reference-llava --tasks pope,mme --output $R/llava_prune \
   --preset "$P/fastv-ref-50.toml,$P/fastv-ref-75.toml,$P/fastv-ref-83.toml,vflowopt-50,vflowopt-75,vflowopt-90${V:+,$V}"
 step llava_halluc $E --model reference-llava --tasks chair,pope_adversarial --chair-max-new-tokens 128 \
-  --output $R/llava_halluc --preset var,vhr,fia,pai,vcd
+  --output $R/llava_halluc --preset "vhr,$P/vhr-a15.toml,$P/vhr-a125.toml,fia,$P/fia-x2.toml,pai,vcd"
 step llava_trained $E --model reference-llava --tasks pope,mme --output $R/llava_trained \
   --preset "$P/fastv-ref-50.toml,$P/fastv-ref-75.toml,dyvte,explain-50,explain-75,explain-90,zipvl"
 step qwen_prune $E --model reference-qwen2vl --tasks pope,mme --output $R/qwen_prune \
   --preset "$P/fastv-ref-50.toml,$P/fastv-ref-75.toml,$P/fastv-ref-83.toml,vflowopt-50,vflowopt-75,vflowopt-90,dyvte,explain-50,zipvl"
 step qwen_halluc $E --model reference-qwen2vl --tasks chair,pope_adversarial --chair-max-new-tokens 128 \
-  --output $R/qwen_halluc --preset var,vhr,fia,pai,vcd
+  --output $R/qwen_halluc --preset vhr,fia,pai,vcd

@@ -7,7 +7,10 @@ Sink tokens. At every decoder layer, from the layer's input hidden states h_j (t
     sink_j = s_j > tau                                                          (tau = 20)
 
 D is a property of the language model (LLaMA-2-7B / Vicuna-7B: {2533, 1415}); :func:`discover_sink_dims`
-finds it for any model (massive activations over a calibration set) and the family presets store it.
+finds it for any model (massive activations over a calibration set), :func:`sink_dim_stats` checks that the
+dims really single out sink tokens, and the family presets store it. Since |h_d / rms(h)| <= sqrt(D_model), tau
+must stay below sqrt(hidden size); a preset entry ``[]`` records a checked model without sink dims, and VAR is
+refused on it (the 256-wide reference models: docs/hallucination.md).
 
 Head/row selection (per sample b, head h, query row i, on the softmax attention A)::
 
@@ -28,7 +31,8 @@ prefill). Only the layers VAR modifies take the eager path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,13 +127,33 @@ class VAR(Method):
     def validate(self, n_layers: int) -> None:
         c = self.config
         hidden = self.adapter.text_config.hidden_size
-        self.sink_dims = tuple(c.sink_dims) or tuple(c.sink_dims_by_width.get(str(hidden), ()))
-        if not self.sink_dims:
-            known = sorted(c.sink_dims_by_width)
+        entry = c.sink_dims_by_width.get(str(hidden))
+        if c.sink_dims:
+            self.sink_dims = tuple(c.sink_dims)
+        elif entry is None:
+            known = sorted(w for w, dims in c.sink_dims_by_width.items() if dims)
             raise ConfigError(
                 f"var: no sink dimensions for this {hidden}-wide decoder (known for widths {known}); sink "
                 "dimensions belong to one language model: find this model's with "
-                "mmeff.methods.var.discover_sink_dims(model, processor, samples) and pass sink_dims=[...]"
+                "mmeff.methods.var.discover_sink_dims(model, processor, samples), check them with sink_dim_stats "
+                "and pass sink_dims=[...]"
+            )
+        elif not entry:
+            # An empty entry records a checked model without massive activations (the reference models):
+            # VAR would flag no sink token and change nothing, which must not pass for a result.
+            raise ConfigError(
+                f"var: this family's {hidden}-wide decoder has no sink dimensions (preset sink_dims_by_width "
+                f"{{'{hidden}': []}}: checked with sink_dim_stats, no massive activations; the mmeff reference "
+                "models, docs/hallucination.md 'VAR on the reference models'), so VAR would find no sink token "
+                "and change nothing; refused. For another model of this width pass its own sink_dims=[...]"
+            )
+        else:
+            self.sink_dims = tuple(entry)
+        # |h_d / rms(h)| <= sqrt(hidden) for every token, so a larger tau can never flag a sink.
+        if c.tau >= math.sqrt(hidden):
+            raise ConfigError(
+                f"var: tau {c.tau} is unreachable on a {hidden}-wide decoder (|h_d / rms(h)| <= sqrt({hidden}) = "
+                f"{math.sqrt(hidden):.1f}): no token could be a sink and VAR would change nothing"
             )
         bad = [d for d in self.sink_dims if not 0 <= d < hidden]
         if bad:
@@ -175,6 +199,26 @@ class VAR(Method):
         return []
 
 
+def _layer_inputs(model: torch.nn.Module, processor: Any, samples: Sequence[tuple[str, Any]], start_layer: int
+                  ) -> Iterator[list[torch.Tensor]]:
+    """Per (text, PIL image) sample (unwrapped forward): the inputs of layers start_layer..L-1 on the real
+    tokens, each [n_real, D] float32."""
+    from mmeff.models.factory import make_inputs
+
+    if not samples:
+        raise ValueError("var: needs at least one (text, image) calibration sample")
+    for text, image in samples:
+        inputs = make_inputs(processor, [text], [[image]] if image is not None else [[]])
+        inputs = inputs.to(next(model.parameters()).device)
+        out = model(**inputs, output_hidden_states=True, use_cache=False)
+        real = inputs["attention_mask"][0].bool()
+        yield [h[0][real].float() for h in out.hidden_states[start_layer:-1]]
+
+
+def _normed(h: torch.Tensor) -> torch.Tensor:
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()
+
+
 @torch.no_grad()
 def discover_sink_dims(model: torch.nn.Module, processor: Any, samples: Sequence[tuple[str, Any]], k: int = 2,
                        start_layer: int = 2) -> list[int]:
@@ -182,26 +226,36 @@ def discover_sink_dims(model: torch.nn.Module, processor: Any, samples: Sequence
 
     Each sample (text, PIL image) runs once (unwrapped, ``output_hidden_states``); per layer input from
     ``start_layer`` on, every dim's largest |h_d / rms(h)| over the sample's real tokens is taken, averaged
-    over layers and samples; the ``k`` dims with the largest average are returned (largest first).
+    over layers and samples; the ``k`` dims with the largest average are returned (largest first). The ranking
+    always names k dims, massive or not: check them with :func:`sink_dim_stats` before storing them.
     """
-    from mmeff.models.factory import make_inputs
-
-    if not samples:
-        raise ValueError("discover_sink_dims: needs at least one (text, image) sample")
     total = None
-    for text, image in samples:
-        inputs = make_inputs(processor, [text], [[image]] if image is not None else [[]])
-        inputs = inputs.to(next(model.parameters()).device)
-        out = model(**inputs, output_hidden_states=True, use_cache=False)
-        real = inputs["attention_mask"][0].bool()
-        per_layer = []
-        for h in out.hidden_states[start_layer:-1]:  # inputs of layers start_layer..L-1
-            hf = h[0][real].float()
-            normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()
-            per_layer.append(normed.amax(0))
-        score = torch.stack(per_layer).mean(0)
+    for layers in _layer_inputs(model, processor, samples, start_layer):
+        score = torch.stack([_normed(h).amax(0) for h in layers]).mean(0)
         total = score if total is None else total + score
     return torch.topk(total, k).indices.tolist()
+
+
+@torch.no_grad()
+def sink_dim_stats(model: torch.nn.Module, processor: Any, samples: Sequence[tuple[str, Any]], dims: Sequence[int],
+                   start_layer: int = 2) -> dict[str, float]:
+    """Whether ``dims`` are massive-activation (sink) dims: their sink scores on the inputs of layers
+    start_layer..L-1 over the samples' real tokens.
+
+    Returns ``max`` (largest score of any token), ``typical`` (median score over tokens), ``first`` (score of
+    the first real token, BOS in Llama prompts: the usual sink), each averaged over layers and samples;
+    ``ratio`` = max / typical and ``bound`` = sqrt(hidden size), the largest score a token can have. Sink dims
+    single out few tokens far above the rest (ratio >> 1, max above VAR's tau); dims that are large on every
+    token (ratio ~ 1) mark no sink.
+    """
+    rows = []
+    for layers in _layer_inputs(model, processor, samples, start_layer):
+        for h in layers:
+            s = _normed(h)[:, list(dims)].amax(-1)
+            rows.append((float(s.max()), float(s.median()), float(s[0])))
+            width = h.shape[-1]
+    mx, typical, first = (sum(col) / len(rows) for col in zip(*rows))
+    return {"max": mx, "typical": typical, "first": first, "ratio": mx / typical, "bound": math.sqrt(width)}
 
 
 register_method(VARConfig, VAR)
