@@ -1,16 +1,19 @@
-"""Where a preset's prefill time goes: torch.profiler over one prefill of a full-size random-weight architecture.
+"""Where does a preset's prefill time go? torch.profiler on one prefill of a full-size random-weight model.
 
-    python benchmarks/profile_prefill.py --model llava-1.5-7b --preset vflowopt-90 --batch-size 16
+    python benchmarks/profile_prefill.py --model llava-1.5-7b --preset none,vflowopt-90 --batch-size 16 \
+        --output out/profile
 
-Prints the top operators by CUDA and by CPU time, and the time spent under each mmeff function (Python stacks),
-for the preset and for ``none``; writes a Chrome trace to ``$OUT/<preset>.json`` when ``$OUT`` is set.
+For each preset: the prefill wall time (CUDA events), the summed GPU kernel time (the gap is host overhead:
+launches and synchronisations), and the top operators by self CPU time and by GPU time, written to
+``OUTPUT/<model>_b<batch>_<preset>.txt``, with the self CPU time attributed to the innermost mmeff frame on
+each operator's Python stack. Random weights: timing only.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -19,39 +22,104 @@ import mmeff
 from mmeff.evaluation import speed
 
 
+def prefill(model: torch.nn.Module, inputs: dict) -> None:
+    with torch.no_grad():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+
+
 def by_mmeff_function(prof: profile) -> list[tuple[str, float]]:
-    """Self CPU time (ms) of operators, attributed to the innermost mmeff frame on their Python stack."""
+    """CPU time (ms) under each mmeff function: inclusive time of the profiler's Python-function events (the
+    tracer records them as events), or, where operators carry stacks, their self time by innermost mmeff frame."""
     totals: dict[str, float] = defaultdict(float)
     for evt in prof.events():
         frames = [f for f in (evt.stack or []) if "/mmeff/" in f]
         if frames:
             totals[frames[0].split("/mmeff/")[-1]] += evt.self_cpu_time_total / 1e3
-    return sorted(totals.items(), key=lambda kv: -kv[1])[:25]
+        elif "/mmeff/" in evt.name:
+            totals["(incl.) " + evt.name.split("/mmeff/")[-1]] += evt.cpu_time_total / 1e3
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:40]
+
+
+def sync_points(model: torch.nn.Module, inputs: dict) -> list[tuple[int, str]]:
+    """Host synchronisations of one prefill (CUDA sync-debug mode), counted by the innermost two project
+    frames (mmeff or transformers) of the Python stack that triggered them."""
+    import traceback
+    import warnings
+
+    counts: dict[str, int] = defaultdict(int)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if "/mmeff/" in f.filename or "transformers" in f.filename]
+        where = " <- ".join(f"{f.filename.split('site-packages/')[-1].split('/mmeff/')[-1]}:{f.lineno} {f.name}"
+                            for f in frames[::-1][:2])
+        counts[where or f"{filename}:{lineno}"] += 1
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                prefill(model, inputs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = old
+    return sorted(((n, w) for w, n in counts.items()), reverse=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llava-1.5-7b", choices=speed.architectures())
-    ap.add_argument("--preset", default="vflowopt-90")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llava-1.5-7b")
+    ap.add_argument("--preset", default="none,vflowopt-90")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--output", type=Path, default=Path("out/profile"))
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    model = speed.build_random(args.model, "cuda", torch.bfloat16)
-    inputs = speed.synth_inputs(model, args.batch_size, 1, speed.arch_spec(args.model).get("image", {}).get("size"))
-    for preset in ("none", args.preset):
-        with mmeff.wrap(model, preset), torch.no_grad():
+    args.output.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.model in speed.architectures():
+        net = speed.build_random(args.model, args.device, dtype)
+    else:  # a local or shipped model (e.g. reference-llava): handy to try the script on CPU
+        from mmeff.models.loading import load_model
+
+        net = load_model(args.model, device=args.device, dtype=dtype)[0]
+    inputs = speed.synth_inputs(net, args.batch_size)
+    timer = speed._Timer(torch.device(args.device))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    for name in args.preset.split(","):
+        with mmeff.wrap(net, name):
             for _ in range(2):
-                model(**inputs, logits_to_keep=1)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
-                model(**inputs, logits_to_keep=1)
-                torch.cuda.synchronize()
-        print(f"\n===== {preset} =====")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
-        for name, ms in by_mmeff_function(prof):
-            print(f"{ms:9.2f} ms  {name}")
-        if os.environ.get("OUT"):
-            prof.export_chrome_trace(os.path.join(os.environ["OUT"], f"{preset}.json"))
+                prefill(net, inputs)
+            wall = min(timer(lambda: prefill(net, inputs))[0] for _ in range(3))
+            with profile(activities=activities, with_stack=True) as prof:
+                prefill(net, inputs)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+        events = prof.key_averages()
+        gpu_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+        head = (f"{args.model} batch {args.batch_size} preset {name}: prefill {wall:.1f} ms (best of 3), "
+                f"GPU kernels {gpu_us / 1e3:.1f} ms, host-bound gap {wall - gpu_us / 1e3:.1f} ms\n")
+        print(head, flush=True)
+        text = [head]
+        for key in ("self_cpu_time_total", "self_device_time_total", "self_cuda_time_total"):
+            try:
+                text.append(f"-- sorted by {key}\n" + events.table(sort_by=key, row_limit=args.rows))
+            except (AttributeError, KeyError, ValueError):
+                continue
+        text.append("-- self CPU ms under mmeff functions\n" + "\n".join(f"{ms:9.2f}  {fn}" for fn, ms in
+                                                                        by_mmeff_function(prof)))
+        if args.device == "cuda":
+            with mmeff.wrap(net, name):
+                syncs = sync_points(net, inputs)
+            total = sum(n for n, _ in syncs)
+            print(f"  {total} host synchronisations; top: {syncs[:4]}", flush=True)
+            sites = "\n".join(f"{n:5d}  {w}" for n, w in syncs)
+            text.append(f"-- {total} host synchronisations, by call site\n{sites}")
+        (args.output / f"{args.model}_b{args.batch_size}_{name}.txt").write_text("\n".join(text))
 
 
 if __name__ == "__main__":

@@ -194,3 +194,16 @@ def test_load_model_specs(tmp_path, monkeypatch):
     assert ensure_tiny("llava") == path  # built once
     model, _, family = load_model("tiny-llava")
     assert family == "llava" and model.dtype == torch.float32 and not model.training
+
+
+def test_qwen_processor_without_video_config_even_with_torchvision(monkeypatch):
+    # the shipped Qwen reference has no video processor config: with torchvision present, AutoProcessor would
+    # silently hand back the bare tokenizer (seen on transformers 5.17); the loader must give the image processor
+    import transformers.utils
+
+    from mmeff.models.factory import Qwen2VLProcessorNoVideo
+    from mmeff.models.loading import _load_processor, resolve_spec
+
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
+    processor = _load_processor(resolve_spec("reference-qwen2vl"), "qwen2_vl")
+    assert isinstance(processor, Qwen2VLProcessorNoVideo) and processor.tokenizer is not None

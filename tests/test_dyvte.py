@@ -140,6 +140,10 @@ def test_exit_labels_hand_made():
     # within tolerance: a loss 2% higher still counts as a harmless exit
     labels, _ = exit_labels(full, gone, rows, targets, tol=10.0)
     assert labels.tolist() == [1, 0, 1]
+    # absolute slack: just above / below the loss rise of sample 2; agreement still gates sample 1
+    rise = float(info["loss_exit"][2] - 1.03 * info["loss_full"][2])
+    assert exit_labels(full, gone, rows, targets, abs_tol=rise + 1e-4)[0].tolist() == [1, 0, 1]
+    assert exit_labels(full, gone, rows, targets, abs_tol=rise - 1e-4)[0].tolist() == [1, 0, 0]
 
 
 def test_training_steps_change_only_routers_and_load(tiny_model_dir, tmp_path):
@@ -147,6 +151,9 @@ def test_training_steps_change_only_routers_and_load(tiny_model_dir, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     routers, report = train_dyvte(model, processor, synthetic_examples(0), steps=2, batch_size=2, width=8, lr=1e-2)
     assert report["steps"] == 2 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # every step labels every exit layer: all routers are trained from the first step on
+    assert sorted(report["exit_label_rate"]) == list(range(1, routers.num_layers))
+    assert all(r is not None for r in report["router_train_accuracy"].values())
     fresh = DyVTERouters(routers.hidden_size, routers.num_layers, 8)
     torch.manual_seed(0)
     assert any(not torch.equal(a, b) for a, b in zip(routers.state_dict().values(), fresh.state_dict().values()))

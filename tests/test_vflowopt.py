@@ -10,7 +10,7 @@ import torch
 
 import mmeff
 from mmeff.kernels.vflowopt_score import reference as ref
-from mmeff.methods.vflowopt import VFlowOptConfig, clip_tile_entropy, merge_cell, recycle_plan
+from mmeff.methods.vflowopt import VFlowOptConfig, cell_ids, clip_tile_entropy, merge_cells, recycle_plan
 from mmeff.models import adapter_for
 from mmeff.models.factory import load_tiny
 from mmeff.presets import get_preset
@@ -61,6 +61,11 @@ def test_global_token_selection_and_context_relevance():
     assert ref.global_rows(recv, unit, 1.5).tolist() == [False, False, True, False]
     assert ref.global_rows(recv, unit, 0.0).all()
     assert ref.global_rows(recv, unit, 100.0).tolist() == [False, False, True, False]  # none pass: the argmax
+    # two units, ties: each falls back to its earliest most-attended token; n_units given or inferred
+    recv2, unit2 = torch.tensor([1.0, 3.0, 3.0, 0.5, 2.0, 2.0]), torch.tensor([0, 0, 0, 0, 1, 1])
+    want = [False, True, False, False, True, False]
+    assert ref.global_rows(recv2, unit2, 100.0).tolist() == want
+    assert ref.global_rows(recv2, unit2, 100.0, n_units=2).tolist() == want
     # packed sequences with blocks and units equal the dense per-unit formula
     torch.manual_seed(0)
     h, d = 3, 8
@@ -102,24 +107,64 @@ def test_clip_relevance_matches_eager_attentions(tiny_model_dir):
 
 
 # -- recycling and budgets -------------------------------------------------------------------------------
+def _plan_one(scores, tile, row, col, r_v, m, recycle=True):
+    unit = torch.zeros_like(tile)
+    cell = cell_ids(unit, tile, row, col, m)
+    return recycle_plan(scores, unit, cell, [len(scores)], r_v, m, recycle)
+
+
 def test_recycle_plan_cells_weighted_mean_and_placement():
     # one 4x4 tile, m = 2: cells are the four 2x2 quadrants
     scores = torch.tensor([9, 8, 1, 2, 7, 6, 3, 0.5, 10, 11, 12, 13, 4, 5, 14, 15], dtype=torch.float)
     row, col = torch.arange(16) // 4, torch.arange(16) % 4
     tile = torch.zeros(16, dtype=torch.long)
-    kept, cells = recycle_plan(scores, tile, row, col, r_v=0.5, m=2.0)
+    kept, rep = _plan_one(scores, tile, row, col, r_v=0.5, m=2.0)
     # reduce = 8, merged = int(16 / 4) = 4 -> the 12 lowest leave: all but scores 15, 14, 13, 12
-    by_rep = {int(c[0]): sorted(c.tolist()) for c in cells}
-    assert by_rep == {0: [0, 1, 4, 5], 6: [2, 3, 6, 7], 9: [8, 9, 12, 13]}  # keyed by each cell's best member
+    cells = {}
+    for i, r in enumerate(rep.tolist()):
+        if r >= 0:
+            cells.setdefault(r, []).append(i)
+    assert cells == {0: [0, 1, 4, 5], 6: [2, 3, 6, 7], 9: [8, 9, 12, 13]}  # keyed by each cell's best member
     assert kept.nonzero().flatten().tolist() == [0, 6, 9, 10, 11, 14, 15]
     torch.manual_seed(0)
-    x = torch.randn(4, 5)
-    w = torch.tensor([1.0, 3.0, 0.0, 4.0])
-    torch.testing.assert_close(merge_cell(x, w), (w[:, None] * x).sum(0) / 8.0)
-    torch.testing.assert_close(merge_cell(x, torch.zeros(4)), x.mean(0))
+    x = torch.randn(16, 5)
+    out = merge_cells(x, scores, rep)
+    for r, members in cells.items():
+        w = scores[members]
+        torch.testing.assert_close(out[r], (w[:, None] * x[members]).sum(0) / w.sum())
+    others = [i for i in range(16) if i not in cells]
+    assert torch.equal(out[others], x[others])  # non-representatives are untouched (dropped or kept as they are)
+    # a zero weight sum falls back to the plain mean
+    zero = scores.clone()
+    zero[[0, 1, 4, 5]] = torch.tensor([1.0, -1.0, 0.0, 0.0])
+    torch.testing.assert_close(merge_cells(x, zero, rep)[0], x[[0, 1, 4, 5]].mean(0))
     # ablation: no recycling keeps exactly the top round(N r_v) = 8 tokens and forms no cell
-    kept, cells = recycle_plan(scores, tile, row, col, r_v=0.5, m=2.0, recycle=False)
-    assert cells == [] and kept.nonzero().flatten().tolist() == [0, 1, 8, 9, 10, 11, 14, 15]
+    kept, rep = _plan_one(scores, tile, row, col, r_v=0.5, m=2.0, recycle=False)
+    assert (rep == -1).all() and kept.nonzero().flatten().tolist() == [0, 1, 8, 9, 10, 11, 14, 15]
+
+
+def test_recycle_plan_batched_equals_per_image():
+    # three images of different sizes, tiles and ties, packed: the same as planning each on its own
+    gen = torch.Generator().manual_seed(3)
+    sizes = [(1, 5, 5), (2, 3, 4), (1, 6, 6)]  # (tiles, rows, cols)
+    parts = []
+    for n_tiles, rows, cols in sizes:
+        n = n_tiles * rows * cols
+        s = torch.randint(0, 6, (n,), generator=gen).float()  # many ties
+        t = torch.arange(n_tiles).repeat_interleave(rows * cols)
+        r, c = (torch.arange(n) % (rows * cols)) // cols, torch.arange(n) % cols
+        parts.append((s, t, r, c))
+    unit = torch.cat([torch.full((len(p[0]),), i) for i, p in enumerate(parts)])
+    packed = [torch.cat([p[k] for p in parts]) for k in range(4)]
+    counts = [len(p[0]) for p in parts]
+    for recycle in (True, False):
+        kept, rep = recycle_plan(packed[0], unit, cell_ids(unit, *packed[1:], 2.5), counts, 0.3, 2.5, recycle)
+        off = 0
+        for s, t, r, c in parts:
+            k1, r1 = _plan_one(s, t, r, c, 0.3, 2.5, recycle)
+            assert torch.equal(kept[off : off + len(s)], k1)
+            assert torch.equal(rep[off : off + len(s)], torch.where(r1 >= 0, r1 + off, -1))
+            off += len(s)
 
 
 def test_budget_constraint():

@@ -51,6 +51,8 @@ def dyvte(model: str = MODEL, data: str = DATA, steps: int = typer.Option(200, "
           batch_size: int = typer.Option(4, "--batch-size"), lr: float = typer.Option(6e-5, "--lr"),
           width: int = typer.Option(2048, "--width", help="router hidden width"),
           min_layer: int = typer.Option(1, "--min-layer"), seed: int = typer.Option(0, "--seed"),
+          abs_tol: float = typer.Option(0.0, "--abs-tol", help="label slack in nats added to 1.03 x the full "
+                                        "answer loss (0: the paper's rule)"),
           device: str = typer.Option("cpu", "--device"), dtype: str | None = typer.Option(None, "--dtype")) -> None:
     """Train DyVTE routers; writes DIR/dyvte.safetensors and the preset DIR/dyvte.toml."""
     from mmeff.models.loading import load_model
@@ -64,10 +66,11 @@ def dyvte(model: str = MODEL, data: str = DATA, steps: int = typer.Option(200, "
     with _bar(console) as progress:
         task = progress.add_task("dyvte routers", total=steps, info="")
         routers, report = train_dyvte(vlm, processor, examples_from(data, seed), steps=steps, batch_size=batch_size,
-                                      lr=lr, width=width, min_layer=min_layer, seed=seed,
+                                      lr=lr, width=width, min_layer=min_layer, seed=seed, abs_tol=abs_tol,
                                       progress=_callback(progress, task))
     meta = {"kind": "dyvte", "family": family, "model": model, "hidden_size": routers.hidden_size,
-            "num_layers": routers.num_layers, "width": width, "data": data, "report": report}
+            "num_layers": routers.num_layers, "width": width, "data": data, "abs_tol": abs_tol,
+            "report": report}
     ckpt = save_head(output / "dyvte.safetensors", head_tensors(routers), meta)
     _write_text(output / "dyvte.toml", _preset("dyvte", f"DyVTE routers trained on {model}", "dyvte", ckpt))
     console.print_json(json.dumps(report))

@@ -119,40 +119,68 @@ def combine(attn: torch.Tensor, entropy: torch.Tensor, alpha_v: float) -> torch.
     return attn.float() + alpha_v * torch.softmax(entropy.float(), dim=-1)
 
 
-def recycle_plan(scores: torch.Tensor, tile: torch.Tensor, row: torch.Tensor, col: torch.Tensor, r_v: float,
-                 m: float, recycle: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Input-stage decision for one image's N non-layout tokens (scores, tile/row/col: [N]).
+def rank_in_group(scores: torch.Tensor, group: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[T] ascending rank of each score within its group (ties: the earlier element), in one pass for all
+    groups; ``counts[g]`` = number of elements of group g (ids 0..len(counts)-1)."""
+    order = torch.sort(scores, stable=True).indices
+    order = order[torch.sort(group[order], stable=True).indices]  # by group, then ascending score, then index
+    start = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - start[group[order]]
+    return rank
 
-    Returns (kept [N] bool, cells): ``cells`` lists each recycled cell's member indices, the representative
-    (highest score, earliest on ties) first; the representative is kept and receives the cell's merged token.
-    ``recycle=False`` (ablation) drops the ``round(N (1 - r_v))`` lowest tokens and forms no cells.
+
+def recycle_plan(scores: torch.Tensor, unit: torch.Tensor, cell: torch.Tensor, counts: list[int], r_v: float,
+                 m: float, recycle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input-stage decision for the packed non-layout tokens of several images at once (no host sync).
+
+    ``scores``/``unit``/``cell``: [T] — importance, image index (each image's tokens contiguous, images in
+    order, ``counts`` tokens each) and recycling cell id (distinct per (image, tile, floor(row/m),
+    floor(col/m)), see :func:`cell_ids`). Per image of N tokens the ``round(N (1 - r_v)) + int(N / m^2)`` lowest
+    (ties: the earlier token) leave; those of one cell merge into its highest-scoring member (ties: the
+    earlier), which stays. Returns (kept [T] bool, rep [T] long: the packed index of the token's cell
+    representative for every recycled token, -1 otherwise). ``recycle=False`` (ablation) drops the
+    ``round(N (1 - r_v))`` lowest and recycles nothing.
     """
-    n = scores.shape[0]
-    reduce = round(n * (1.0 - r_v))
-    n_low = min(n, reduce + int(n / (m * m))) if recycle else reduce
-    order = torch.sort(scores, stable=True).indices  # ascending: the lowest first
-    low = order[:n_low]
-    kept = torch.ones(n, dtype=torch.bool, device=scores.device)
-    kept[low] = False
-    key = torch.stack([tile[low], torch.floor(row[low] / m).long(), torch.floor(col[low] / m).long()], 1)
-    cells: list[torch.Tensor] = []
-    if n_low and recycle:
-        _, inverse = torch.unique(key, dim=0, return_inverse=True)
-        for c in range(int(inverse.max()) + 1):
-            members = low[inverse == c].sort().values
-            best = members[torch.sort(scores[members], descending=True, stable=True).indices[0]]
-            cells.append(torch.cat([best[None], members[members != best]]))
-            kept[best] = True
-    return kept, cells
+    dev, total = scores.device, scores.numel()
+    n_low = [min(n, round(n * (1.0 - r_v)) + int(n / (m * m))) if recycle else round(n * (1.0 - r_v))
+             for n in counts]
+    low = rank_in_group(scores, unit, torch.tensor(counts, device=dev)) < torch.tensor(n_low, device=dev)[unit]
+    rep = torch.full_like(unit, -1)
+    if not recycle:
+        return ~low, rep
+    idx = torch.arange(total, device=dev)
+    n_cells = total  # cell ids are < total (at most one cell per token)
+    best = torch.full((n_cells,), float("-inf"), device=dev)
+    best = best.scatter_reduce(0, cell, torch.where(low, scores.float(), float("-inf")), "amax")
+    first = torch.full((n_cells,), total, device=dev).scatter_reduce(
+        0, cell, torch.where(low & (scores.float() == best[cell]), idx, total), "amin")
+    rep = torch.where(low, first[cell], -1)
+    return ~low | (rep == idx), rep
 
 
-def merge_cell(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Score-weighted mean of a cell's embeddings [k, d] (weights normalised to sum 1, as the official code;
-    a zero or non-finite weight sum falls back to the plain mean)."""
-    w = weights.float()
-    total = w.sum()
-    w = w / total if bool(torch.isfinite(total)) and float(total) != 0.0 else torch.full_like(w, 1.0 / w.numel())
-    return (w[:, None] * x.float()).sum(0).to(x.dtype)
+def cell_ids(unit: torch.Tensor, tile: torch.Tensor, row: torch.Tensor, col: torch.Tensor, m: float) -> torch.Tensor:
+    """[T] dense id of each token's recycling cell (image, tile, floor(row / m), floor(col / m))."""
+    parts = [unit, tile, torch.floor(row / m).long(), torch.floor(col / m).long()]
+    key = parts[0]
+    for x in parts[1:]:  # one integer key (mixed radix): 1-D unique is far cheaper than unique(dim=0)
+        key = key * (int(x.max()) + 1 if x.numel() else 1) + x
+    return torch.unique(key, return_inverse=True)[1]
+
+
+def merge_cells(x: torch.Tensor, scores: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
+    """[T, d] tokens with each cell's score-weighted mean written at its representative (weights normalised
+    to sum 1, as the official code; a zero or non-finite weight sum falls back to the plain mean)."""
+    member = rep >= 0
+    tgt = rep.clamp_min(0)
+    w = torch.where(member, scores.float(), 0.0)
+    total = torch.zeros(len(x), device=x.device).index_add_(0, tgt, w)
+    count = torch.zeros(len(x), device=x.device).index_add_(0, tgt, member.float())
+    ok = torch.isfinite(total) & (total != 0)
+    w = torch.where(ok[tgt], w / torch.where(ok, total, 1.0)[tgt], 1.0 / count[tgt].clamp_min(1.0)) * member
+    merged = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tgt, w[:, None] * x.float())
+    is_rep = member & (rep == torch.arange(len(x), device=x.device))
+    return torch.where(is_rep[:, None], merged.to(x.dtype), x)
 
 
 class VFlowOpt(Method):
@@ -236,7 +264,7 @@ class VFlowOpt(Method):
         q = module.q_proj(hidden).view(n * s, heads, -1).transpose(0, 1)
         k = module.k_proj(hidden).view(n * s, heads, -1).transpose(0, 1)
         ids = torch.arange(n, device=hidden.device).repeat_interleave(s)
-        rel = context_relevance(q, k, module.scale, ids, ids, self.config.t).view(n, s)
+        rel = context_relevance(q, k, module.scale, ids, ids, self.config.t, n).view(n, s)
         n_patches = self._entropy[0].shape[0]
         return list(rel[:, s - n_patches :].unbind(0))  # CLS (if any) leads: drop its column
 
@@ -254,7 +282,8 @@ class VFlowOpt(Method):
         unit = vc.spatial_merge_size**2
         sizes = grid.prod(-1).to(hidden.device)
         image = torch.arange(sizes.numel(), device=hidden.device).repeat_interleave(sizes)
-        rel = context_relevance(q.transpose(0, 1), k.transpose(0, 1), module.scaling, block, image, self.config.t)
+        rel = context_relevance(q.transpose(0, 1), k.transpose(0, 1), module.scaling, block, image, self.config.t,
+                                sizes.numel())
         if getattr(vc, "window_size", None) and hasattr(self.adapter.vision_tower, "fullatt_block_indexes"):
             from transformers.vision_utils import get_vision_window_index
 
@@ -317,48 +346,59 @@ class VFlowOpt(Method):
         return None
 
     def _input_stage(self, state: State, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not bool(state.visual.any()):
+        if not any(state.spans):  # host data: no sync
             self._units = []
             return None
         scores = self.image_scores(state)
         dev = hidden.device
-        full = torch.full(state.visual.shape, float("-inf"), device=dev)
-        keep = torch.ones(state.visual.shape, dtype=torch.bool, device=dev)
-        new_hidden = hidden.clone()
+        # packed layout of every image's non-layout tokens (host side: spans are host data)
+        b_of, pos, unit, tile, row, col, span_of, counts = [], [], [], [], [], [], [], []
+        span_map = torch.full(state.visual.shape, -1, dtype=torch.long)  # original position -> span number
         for b, sample in enumerate(state.spans):
             for sp in sample:
                 g = sp.grid()
                 cand = (~g["layout"]).nonzero().flatten()
-                pos = sp.start + cand.to(dev)
-                s = scores[sp.image_index].to(dev)
-                full[b, pos] = s
-                kept, cells = recycle_plan(s, g["tile"][cand].to(dev), g["row"][cand].to(dev),
-                                           g["col"][cand].to(dev), self.r_v, self.config.m,
-                                                 self.config.recycle)
-                keep[b, pos] = kept
-                for members in cells:
-                    new_hidden[b, pos[members[0]]] = merge_cell(hidden[b, pos[members]], s[members])
+                counts.append(cand.numel())
+                b_of.append(torch.full_like(cand, b))
+                pos.append(sp.start + cand)
+                unit.append(torch.full_like(cand, len(counts) - 1))
+                tile.append(g["tile"][cand])
+                row.append(g["row"][cand])
+                col.append(g["col"][cand])
+                span_of.append(sp.image_index)
+                span_map[b, sp.start + cand] = len(counts) - 1
+        b_of, pos, unit = torch.cat(b_of).to(dev), torch.cat(pos).to(dev), torch.cat(unit)
+        cell = cell_ids(unit, torch.cat(tile), torch.cat(row), torch.cat(col), self.config.m).to(dev)
+        s = torch.cat([scores[i].to(dev) for i in span_of])
+        kept, rep = recycle_plan(s, unit.to(dev), cell, counts, self.r_v, self.config.m, self.config.recycle)
+        full = torch.full(state.visual.shape, float("-inf"), device=dev)
+        full[b_of, pos] = s.float()
+        keep = torch.ones(state.visual.shape, dtype=torch.bool, device=dev)
+        keep[b_of, pos] = kept
+        new_hidden = hidden.clone()
+        new_hidden[b_of, pos] = merge_cells(hidden[b_of, pos], s, rep)
         state.scratch["vflowopt"] = full
+        state.scratch["vflowopt_span"] = (span_map.to(dev), len(counts))
         return keep, new_hidden
 
     def _llm_stage(self, state: State, ratio: float) -> torch.Tensor | None:
+        """Per image, drop the ``round(n (1 - ratio))`` lowest of its n prunable slots (ties: the earlier)."""
         g = state.group
-        scores = torch.gather(state.scratch["vflowopt"], 1, g.index)
-        prunable = state.prunable_in_group(g)
-        keep = torch.ones_like(prunable)
-        for b, sample in enumerate(state.spans):
-            for sp in sample:
-                slots = (prunable[b] & (g.index[b] >= sp.start) & (g.index[b] < sp.end)).nonzero().flatten()
-                n_drop = round(slots.numel() * (1.0 - ratio))
-                if n_drop:
-                    low = torch.sort(scores[b, slots], stable=True).indices[:n_drop]
-                    keep[b, slots[low]] = False
+        span_map, n_spans = state.scratch["vflowopt_span"]
+        scores = torch.gather(state.scratch["vflowopt"], 1, g.index).flatten()
+        span = torch.gather(span_map, 1, g.index)
+        span = torch.where(state.prunable_in_group(g) & (span >= 0), span, n_spans).flatten()  # n_spans: not prunable
+        count = torch.bincount(span, minlength=n_spans + 1)
+        n_drop = torch.round(count.double() * (1.0 - ratio)).long()
+        n_drop[n_spans] = 0
+        keep = (rank_in_group(scores, span, count) >= n_drop[span]).view(g.index.shape)
         return None if bool(keep.all()) else keep
 
 
 register_method(VFlowOptConfig, VFlowOpt)
 
-__all__ = ["VFlowOpt", "VFlowOptConfig", "averaged_kept", "effective_schedule", "recycle_plan"]
+__all__ = ["VFlowOpt", "VFlowOptConfig", "averaged_kept", "cell_ids", "effective_schedule", "merge_cells",
+           "recycle_plan"]
 
 
 def averaged_kept(config: VFlowOptConfig, n_layers: int) -> float:

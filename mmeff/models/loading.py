@@ -93,9 +93,24 @@ def _load_processor(source: str | Path, model_type: str | None) -> Any:
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    if model_type in _NO_VIDEO and not is_torchvision_available():
+    if model_type in _NO_VIDEO and (not is_torchvision_available() or not _has_video_processor(source)):
         return _NO_VIDEO[model_type].from_pretrained(source)
-    return AutoProcessor.from_pretrained(source)
+    processor = AutoProcessor.from_pretrained(source)
+    if not hasattr(processor, "image_processor"):  # AutoProcessor falls back to the bare tokenizer
+        raise ModelLoadError(f"{source}: AutoProcessor gave a {type(processor).__name__}, not an image + text "
+                             "processor (is the image processor config missing?)")
+    return processor
+
+
+def _has_video_processor(source: str | Path) -> bool:
+    """Whether a local Qwen folder configures a video processor (the stock processor cannot be built without
+    one: AutoProcessor then silently returns the tokenizer). Hub ids are assumed complete."""
+    if not isinstance(source, Path):
+        return True
+    if (source / "video_preprocessor_config.json").is_file():
+        return True
+    config = source / "processor_config.json"
+    return config.is_file() and "video_processor" in json.loads(config.read_text())
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str | torch.dtype | None = None,

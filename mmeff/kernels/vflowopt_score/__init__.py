@@ -33,14 +33,16 @@ def patch_entropy(levels: torch.Tensor) -> torch.Tensor:
 
 
 def context_relevance(
-    q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.Tensor, unit_id: torch.Tensor, t: float
+    q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.Tensor, unit_id: torch.Tensor, t: float,
+    n_units: int | None = None,
 ) -> torch.Tensor:
-    """[S] context relevance of each token of a packed sequence (q, k: [H, S, D]); see ``reference``."""
+    """[S] context relevance of each token of a packed sequence (q, k: [H, S, D]); see ``reference``.
+    ``n_units``: the number of units when the caller knows it (saves a host sync)."""
     if _triton_ok(q):
         from mmeff.kernels.vflowopt_score import triton as kernel
 
-        return kernel.context_relevance(q, k, scale, block_id, unit_id, t)
-    return reference.context_relevance(q, k, scale, block_id, unit_id, t)
+        return kernel.context_relevance(q, k, scale, block_id, unit_id, t, n_units)
+    return reference.context_relevance(q, k, scale, block_id, unit_id, t, n_units)
 
 
 __all__ = ["context_relevance", "grey_levels", "patch_entropy", "reference"]

@@ -47,27 +47,33 @@ def block_probs(q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.
     return torch.softmax(scores, dim=-1).mean(0)
 
 
-def global_rows(recv: torch.Tensor, unit_id: torch.Tensor, t: float) -> torch.Tensor:
-    """[S] bool: the global tokens of every unit (recv above t times the unit mean; at least the argmax)."""
-    n_units = int(unit_id.max()) + 1 if unit_id.numel() else 0
+def global_rows(recv: torch.Tensor, unit_id: torch.Tensor, t: float, n_units: int | None = None) -> torch.Tensor:
+    """[S] bool: the global tokens of every unit (recv above t times the unit mean; at least the argmax, the
+    earliest on ties). ``n_units`` (default: from ``unit_id``, a host sync) sizes the per-unit tables."""
+    if n_units is None:
+        n_units = int(unit_id.max()) + 1 if unit_id.numel() else 0
     count = torch.zeros(n_units, device=recv.device).index_add_(0, unit_id, torch.ones_like(recv))
     mean = torch.zeros(n_units, device=recv.device).index_add_(0, unit_id, recv) / count
     glob = recv > t * mean[unit_id]
     has = torch.zeros(n_units, dtype=torch.bool, device=recv.device).index_put_((unit_id,), glob, accumulate=True)
-    for u in (~has).nonzero().flatten().tolist():  # no token passes: fall back to the most attended one
-        members = (unit_id == u).nonzero().flatten()
-        glob[members[recv[members].argmax()]] = True
-    return glob
+    # a unit where no token passes falls back to its most attended token (vectorised: no host sync)
+    idx = torch.arange(recv.numel(), device=recv.device)
+    best = torch.full((n_units,), float("-inf"), device=recv.device).scatter_reduce(0, unit_id, recv, "amax")
+    first = torch.full((n_units,), recv.numel(), device=recv.device).scatter_reduce(
+        0, unit_id, torch.where(recv == best[unit_id], idx, recv.numel()), "amin")
+    return glob | (~has[unit_id] & (first[unit_id] == idx))
 
 
 def context_relevance(
-    q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.Tensor, unit_id: torch.Tensor, t: float
+    q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.Tensor, unit_id: torch.Tensor, t: float,
+    n_units: int | None = None,
 ) -> torch.Tensor:
     """[S] context relevance s_j (see the module docstring) of a packed sequence; q, k: [H, S, D]."""
     a = block_probs(q, k, scale, block_id)
-    n_units = int(unit_id.max()) + 1
+    if n_units is None:
+        n_units = int(unit_id.max()) + 1
     size = torch.zeros(n_units, device=a.device).index_add_(0, unit_id, torch.ones(a.shape[0], device=a.device))
     recv = a.sum(0) / size[unit_id]
-    glob = global_rows(recv, unit_id, t).float()
+    glob = global_rows(recv, unit_id, t, n_units).float()
     n_glob = torch.zeros(n_units, device=a.device).index_add_(0, unit_id, glob)
     return (glob @ a) / n_glob[unit_id]

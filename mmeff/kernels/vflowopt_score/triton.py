@@ -134,7 +134,8 @@ def _launch_colsum(args: tuple, w: torch.Tensor, h: int, s: int, meta: dict) -> 
 
 
 def context_relevance(
-    q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.Tensor, unit_id: torch.Tensor, t: float
+    q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.Tensor, unit_id: torch.Tensor, t: float,
+    n_units: int | None = None,
 ) -> torch.Tensor:
     """[S] context relevance of a packed sequence (q, k: [H, S, D]); the same numbers as the reference."""
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -149,10 +150,11 @@ def context_relevance(
                                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), **meta)
     args = (q, k, bid, lo, hi, lse, d, float(scale))
     unit = unit_id.long()
-    n_units = int(unit.max()) + 1
+    if n_units is None:
+        n_units = int(unit.max()) + 1
     ones = torch.ones(s, device=q.device)
     size = torch.zeros(n_units, device=q.device).index_add_(0, unit, ones)
     recv = _launch_colsum(args, 1.0 / size[unit], h, s, meta)
-    glob = global_rows(recv, unit, t).float()
+    glob = global_rows(recv, unit, t, n_units).float()
     n_glob = torch.zeros(n_units, device=q.device).index_add_(0, unit, glob)
     return _launch_colsum(args, glob / n_glob[unit], h, s, meta)
