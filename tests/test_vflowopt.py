@@ -322,3 +322,16 @@ def test_presets_run_and_keep_requested_counts(models):
 def _n_prunable(state, g, b, sp) -> int:
     ok = state.prunable_in_group(g)[b] & (g.index[b] >= sp.start) & (g.index[b] < sp.end)
     return int(ok.sum())
+
+
+@torch.no_grad()
+def test_text_only_prompt_is_untouched(tiny_model_dir):
+    # no image: no input stage, and the LLM stages must not look for scores that were never made
+    from mmeff.models.factory import load_tiny, make_inputs
+
+    model, processor = load_tiny(tiny_model_dir("llava"))
+    inputs = make_inputs(processor, ["a prompt without any image"], [[]])
+    want = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with mmeff.wrap(model, "vflowopt-90"):
+        got = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)

@@ -383,12 +383,15 @@ class VFlowOpt(Method):
 
     def _llm_stage(self, state: State, ratio: float) -> torch.Tensor | None:
         """Per image, drop the ``round(n (1 - ratio))`` lowest of its n prunable slots (ties: the earlier)."""
+        if ratio >= 1.0 or "vflowopt_span" not in state.scratch:  # nothing to drop: decided on the host, no sync
+            return None
         g = state.group
         span_map, n_spans = state.scratch["vflowopt_span"]
         scores = torch.gather(state.scratch["vflowopt"], 1, g.index).flatten()
         span = torch.gather(span_map, 1, g.index)
         span = torch.where(state.prunable_in_group(g) & (span >= 0), span, n_spans).flatten()  # n_spans: not prunable
-        count = torch.bincount(span, minlength=n_spans + 1)
+        count = torch.zeros(n_spans + 1, dtype=torch.long, device=span.device)
+        count.index_add_(0, span, torch.ones_like(span))  # not bincount: that reads the max back (a sync)
         n_drop = torch.round(count.double() * (1.0 - ratio)).long()
         n_drop[n_spans] = 0
         keep = (rank_in_group(scores, span, count) >= n_drop[span]).view(g.index.shape)
