@@ -7,10 +7,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 END=$((SECONDS + ${BUDGET_S:-560})); TRIALS=${TRIALS:-100}; LIMIT=${LIMIT:-1000}; DEVICE=${DEVICE:-cuda}
-if [ -d .whl ]; then  # optuna / nltk / pycocotools travel as wheels (the GPU image has none of them)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PWD:/tmp/site || exit 1
-fi
+source scripts/gpu_wheels.sh
 R=out/tables; mkdir -p $R
 trap 'tar czf "${OUT:-/tmp/out}/tables.tgz" -C out tables' EXIT
 step() {  # step NAME CMD...: run CMD with the time that is left, log to $R/NAME.log

@@ -6,10 +6,7 @@
 #        300 trials, and its ablations, and evaluates those instead of docs/results/tuned/)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-if [ -d .whl ]; then  # nltk / pycocotools travel as wheels (the GPU image has none of them)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PWD:/tmp/site || exit 1
-fi
+source scripts/gpu_wheels.sh
 R=out/tables2; mkdir -p $R
 trap 'tar czf "${OUT:-/tmp/out}/tables2.tgz" -C out tables2' EXIT
 [ "${BENCH:-1}" = 1 ] && python3 -m mmeff.cli bench --model llava-1.5-7b --preset fastv,fastv-90,vflowopt-90 --batch-size 16,1 --repeats 3 \
