@@ -89,13 +89,15 @@ def identity_group(batch: int, n: int, device: torch.device) -> Group:
     return Group(0, index, torch.ones(batch, n, dtype=torch.bool, device=device))
 
 
-def select(prev: Group, keep: torch.Tensor, start_layer: int) -> Group:
+def select(prev: Group, keep: torch.Tensor, start_layer: int, n_new: int | None = None) -> Group:
     """The group that keeps ``keep[b, j]`` slots of ``prev`` (invalid slots are never kept).
 
-    Rows are padded to the longest with the earliest dropped slots, as invalid fill slots.
+    Rows are padded to the longest with the earliest dropped slots, as invalid fill slots. ``n_new``: the
+    longest row's count, when the caller already read it (saves a host synchronisation).
     """
     keep = keep & prev.valid
-    n_new = int(keep.sum(1).max())
+    if n_new is None:
+        n_new = int(keep.sum(1).max())
     length = keep.shape[1]
     slot = torch.arange(length, device=keep.device).expand_as(keep)
     rank = torch.where(keep, slot, slot + length)  # kept first (in order), then dropped

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from mmeff.kernels.kv_quant import quantize_kv
 from mmeff.kernels.kv_quant import reference as kvq
 from mmeff.kernels.probe_scores import normalized_scores, probe_scores
 from mmeff.methods.zipvl import ZipVLCacheLayer, ZipVLConfig, choose_probes, important_set
-from mmeff.models.factory import FAMILIES, load_tiny
-from tests.test_wrap import batch
+from mmeff.models.factory import FAMILIES, load_tiny, make_inputs, random_image
+from tests.test_wrap import SIZES, batch
 
 GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -51,6 +52,16 @@ def test_choose_probes_counts_and_recent_window():
     assert probes.sum(1).tolist() == [4, 3]
     assert recent[0, 38:].all() and recent.sum(1).tolist() == [2, 2]
     assert not bool((probes & ~real).any()) and bool((recent <= probes).all())
+    again, _ = choose_probes(real, 0.1, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(again, probes)  # seeded
+    # ragged rows: ceil(ratio * n) probes, the last round(share * probes) real slots as the recent window
+    real = torch.rand(3, 300, generator=torch.Generator().manual_seed(1)) < torch.tensor([[0.2], [0.7], [1.0]])
+    probes, recent = choose_probes(real, 0.1, 0.25, torch.Generator().manual_seed(2))
+    for b in range(3):
+        slots = real[b].nonzero().flatten()
+        n_probe = math.ceil(0.1 * len(slots))
+        n_recent = max(1, round(n_probe * 0.25))
+        assert int(probes[b].sum()) == n_probe and recent[b].nonzero().flatten().tolist() == slots[-n_recent:].tolist()
 
 
 # -- probe scoring -----------------------------------------------------------------------------------------------
@@ -125,6 +136,8 @@ def test_cache_layer_bytes_and_blocks():
     imp[1, 30:] = True
     layer.compress(imp)
     assert layer.get_seq_length() == 40 and layer.nbytes() < fp_bytes / 4
+    # the full-precision prompt is released, not kept alive by an empty view of its storage
+    assert layer.keys.untyped_storage().nbytes() == 0 and layer.values.untyped_storage().nbytes() == 0
     full_k, _full_v = layer.full()
     hi_err = (full_k - k).abs()[0, :, :10].max()
     lo_err = (full_k - k).abs()[0, :, 10:].max()
@@ -172,12 +185,18 @@ def test_lossless_setting_equals_unwrapped_and_quantized_generate_runs(family_mo
 
 
 @torch.no_grad()
-def test_sparse_prefill_equals_masked_reference(tiny_model_dir):
+@pytest.mark.parametrize("single", [False, True])
+def test_sparse_prefill_equals_masked_reference(tiny_model_dir, single):
     """With 16-bit storage, sparse prefill = dense attention in which every query row sees only the important
-    keys, and unimportant rows get a zero attention output (one family: the identity is family-independent)."""
+    keys, and unimportant rows get a zero attention output (one family: the identity is family-independent).
+    ``single``: one unpadded sample, the index_select / index_copy path with SDPA's implicit causal mask."""
     family = "llava"
     model, processor = load_tiny(tiny_model_dir(family), attn_implementation="sdpa")
     inputs = batch(processor, family)
+    if single:  # the longer, unpadded sample: two images
+        inputs = make_inputs(processor, ["what color is the large shape on the left of these two images"],
+                             [[random_image(2, SIZES[1]), random_image(3, SIZES[2])]])
+        assert inputs["attention_mask"].all()
     with mmeff.wrap(model, "zipvl", tau=0.8, hi_bits=16, lo_bits=16) as handle:
         method = handle.pipeline.methods[0]
         captured = {}
@@ -200,6 +219,9 @@ def test_sparse_prefill_equals_masked_reference(tiny_model_dir):
         def pre(module, args, kwargs, i=i):
             m = kwargs["attention_mask"]
             keep = captured[i]
+            if single and m is None:  # SDPA's implicit causal mask, made explicit
+                n = keep.shape[1]
+                m = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
             assert m is not None, "the padded batch gives a 4-D mask"
             eye = torch.eye(m.shape[-1], dtype=torch.bool)[None, None]
             if m.dtype == torch.bool:
@@ -258,3 +280,18 @@ def test_presets_resolve_per_family_and_bad_config_is_refused(tiny_model_dir):
     for bad in ({"tau": 0.0}, {"hi_bits": 3}, {"lo_bits": 8, "hi_bits": 4}, {"group_size": 12}):
         with pytest.raises(mmeff.errors.ConfigError):
             mmeff.wrap(model, "zipvl", **bad)
+
+
+@torch.no_grad()
+def test_cache_is_released_with_the_output(tiny_model_dir):
+    """The wrapper must not keep the last prompt's (possibly many-GiB) cache alive once the caller drops it."""
+    import weakref
+
+    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+    inputs = batch(processor, "llava")
+    with mmeff.wrap(model, "zipvl", tau=0.5):
+        out = model(**inputs, use_cache=True)
+        layers = [weakref.ref(layer) for layer in out.past_key_values.layers]
+        assert all(r() is not None for r in layers)
+        del out
+        assert all(r() is None for r in layers)

@@ -44,6 +44,38 @@ def test_quantize_and_dequantize_match_reference(dtype, bits, group):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("gather", [False, True])
+def test_fused_cache_quantization_matches_gather_then_reference(dtype, bits, axis, gather):
+    """The cache-facing kernels read [B, H, T, D] in place (and gather the tokens themselves): same scales and
+    offsets as gathering, transposing/padding and quantizing rows with the reference, codes off by at most a tie."""
+    import mmeff.kernels.kv_quant as kvq
+
+    torch.manual_seed(bits)
+    x = (torch.randn(2, 4, 333, 128, device="cuda") * torch.rand(128, device="cuda") * 4).to(dtype)
+    index = torch.stack([torch.randperm(333, device="cuda")[:301].sort().values for _ in range(2)]) if gather else None
+    got = kvq.quantize_kv(x, bits, 32, axis, index)
+    xx = kvq._take(x, index)
+    b, h, m, d = xx.shape
+    if axis == "token":
+        rows = xx.reshape(b * h * m, d)
+    else:
+        xt = xx.transpose(-1, -2)
+        xt = torch.cat([xt, xt[..., -1:].expand(b, h, d, -m % 32)], -1)
+        rows = xt.reshape(b * h * d, -1)
+    p_ref, s_ref, o_ref = kv_ref.quantize_rows(rows, bits, 32)
+    assert torch.equal(got.scale, s_ref) and torch.equal(got.offset, o_ref)
+    shifts = torch.arange(8 // bits, device="cuda") * bits
+    c_ref = (p_ref.int()[..., None] >> shifts) & ((1 << bits) - 1)
+    c_got = (got.packed.int()[..., None] >> shifts) & ((1 << bits) - 1)
+    assert (c_ref != c_got).float().mean().item() < 1e-4 and ((c_ref - c_got).abs() <= 1).all()
+    want = kvq.QuantizedTensor((b, h, m, d), dtype, bits, 32, axis, p_ref, s_ref, o_ref).dequantize()
+    assert got.dequantize().shape == (b, h, m, d) and rel_err(got.dequantize(), want) <= TOL[dtype]
+    assert rel_err(got.dequantize(), xx) <= {2: 0.6, 4: 0.15, 8: 0.01}[bits]  # quantization error itself
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 8, 8, 1000, 64), (2, 32, 8, 4133, 128), (1, 32, 32, 16384, 128)])
 def test_probe_scores_match_reference(dtype, shape):
     b, h, hkv, n, d = shape

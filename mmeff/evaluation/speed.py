@@ -210,6 +210,9 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
                 if device.type == "cuda":
                     peaks.append(torch.cuda.max_memory_allocated(device))
             stats = handle.stats
+            # ZipVL keeps every token but attends among / stores at high bits only the important ones
+            extra = {k: v for m in handle.pipeline.methods for k, v in getattr(m, "last_stats", {}).items()
+                     if k == "important_ratio"}
             gen()  # warm the decode path
             rates = []
             for _ in range(max(1, repeats // 2)):
@@ -229,6 +232,7 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
             kv_cache_bytes=stats["kv_cache_bytes"],
             kv_visual_bytes=batch_size * sum(per_layer) * kv_token_layer_bytes,
             visual_tokens_in=n_in, visual_tokens_kept=stats["visual_tokens_kept"], ideal_prefill_ms=ideal,
+            extra=extra,
         )
 
     rows: list[BenchRow] = []
@@ -272,8 +276,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "–"
+        imp = r.get("extra", {}).get("important_ratio")
+        name = r["preset"] + (f" ({100 * imp:.0f}% important)" if imp is not None else "")
         lines.append(
-            f"| {r['preset']} | {r['visual_tokens_kept']:.0f}/{r['visual_tokens_in']:.0f} | {r['vision_ms']:.1f} "
+            f"| {name} | {r['visual_tokens_kept']:.0f}/{r['visual_tokens_in']:.0f} | {r['vision_ms']:.1f} "
             f"| {r['prefill_ms']:.1f} | {r['ideal_prefill_ms']:.1f} | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× "
             f"| {r['decode_tokens_per_s']:.1f} | {peak} | {r['kv_cache_bytes'] / 2**20:.1f} "
             f"| {100 * r['kv_visual_ratio']:.1f}% |"

@@ -26,7 +26,7 @@ Per decoder layer, at prefill (our reading of the paper; items marked * were not
 
 from __future__ import annotations
 
-import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,27 +82,27 @@ def choose_probes(
     real: torch.Tensor, ratio: float, recent_share: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probe mask, recent-window mask), [B, L] bool each: ``ceil(ratio * n)`` of each row's ``n`` real slots,
-    ``recent_share`` of them the last real slots, the others drawn uniformly (``generator``) from the rest."""
-    probes = torch.zeros_like(real)
-    recent = torch.zeros_like(real)
-    for b in range(real.shape[0]):
-        slots = real[b].nonzero().flatten()
-        n = slots.numel()
-        if n == 0:
-            continue
-        n_probe = min(n, max(1, math.ceil(ratio * n)))
-        n_recent = min(n_probe, max(1, round(n_probe * recent_share)))
-        recent[b, slots[n - n_recent :]] = True
-        rest = slots[: n - n_recent]
-        pick = torch.randperm(rest.numel(), generator=generator)[: n_probe - n_recent].to(rest.device)
-        probes[b, rest[pick]] = True
-    return probes | recent, recent
+    ``recent_share`` of them the last real slots, the others drawn uniformly (``generator``, on ``real``'s
+    device) from the rest. Vectorised over the batch, so it never waits for the GPU."""
+    n = real.sum(1).double()
+    n_probe = torch.minimum(torch.ceil(ratio * n).clamp_min(1.0), n)
+    n_recent = torch.minimum(torch.round(n_probe * recent_share).clamp_min(1.0), n_probe)
+    from_end = real.flip(1).cumsum(1).flip(1)  # real slots at or after each slot
+    recent = real & (from_end <= n_recent[:, None])
+    rest = real & ~recent
+    priority = torch.rand(real.shape, generator=generator, device=real.device).masked_fill(~rest, 2.0)
+    order = priority.argsort(1)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(real.shape[1], device=real.device).expand_as(order))
+    picked = rest & (rank < (n_probe - n_recent)[:, None])
+    return picked | recent, recent
 
 
-def _rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot positions [B, M] of the True entries, ascending, padded with position 0; validity [B, M])."""
+def _rows(mask: torch.Tensor, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot positions [B, M] of the True entries, ascending, padded with position 0; validity [B, M]).
+    ``m``: the largest row count, when the caller already knows it (saves a host read)."""
     count = mask.sum(1)
-    m = int(count.max()) if mask.numel() else 0
+    if m is None:
+        m = int(count.max()) if mask.numel() else 0
     slot = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     order = torch.where(mask, slot, slot + mask.shape[1]).argsort(1)[:, :m]
     valid = torch.arange(m, device=mask.device)[None, :] < count[:, None]
@@ -111,6 +111,8 @@ def _rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather [B, H, T, D] along T by a per-sample index [B, M]."""
+    if x.shape[0] == 1:  # whole rows: index_select is ~2x faster than an expanded-index gather
+        return x.index_select(2, index[0])
     return torch.gather(x, 2, index[:, None, :, None].expand(x.shape[0], x.shape[1], index.shape[1], x.shape[3]))
 
 
@@ -182,21 +184,24 @@ class ZipVLCacheLayer(SlotLayer):
         length = k.shape[-2]
         value_group(c.group_size, k.shape[-1])  # fail early with a clear message
         parts = []
-        for bits, members in ((c.hi_bits, important), (c.lo_bits, ~important)):
-            if not bool(members.any()):
+        sets = ((c.hi_bits, important), (c.lo_bits, ~important))
+        sizes = torch.stack([m.sum(1).max() for _, m in sets]).tolist()  # one host read for both parts
+        for (bits, members), m in zip(sets, sizes):
+            if m == 0:
                 continue
-            index, valid = _rows(members)
+            index, valid = _rows(members, m)
             # padding entries repeat a member of the same set (the ranges stay the set's) and land in the dummy slot
             last = torch.gather(index, 1, (valid.sum(1, keepdim=True) - 1).clamp_min(0))
             gather_at = torch.where(valid, index, last)
             parts.append(_Part(
                 torch.where(valid, index, length).to(torch.int32),
-                quantize_kv(_gather_tokens(k, gather_at), bits, c.group_size, "channel"),
-                quantize_kv(_gather_tokens(v, gather_at), bits, c.group_size, "token"),
+                quantize_kv(k, bits, c.group_size, "channel", gather_at),
+                quantize_kv(v, bits, c.group_size, "token", gather_at),
             ))
         self.blocks.append(_Block(length, parts))
         self.n_quantized += length
-        self.keys, self.values = k[..., :0, :], v[..., :0, :]
+        # fresh empty buffers: a [..., :0, :] view would keep the full-precision storage alive
+        self.keys, self.values = k.new_empty(*k.shape[:-2], 0, k.shape[-1]), v.new_empty(*v.shape[:-2], 0, v.shape[-1])
         self.score_acc = self.score_cnt = None
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,9 +270,14 @@ class _Prefill:
         if cache is not None and cache.stored_length() == call.key.shape[2] and not cache.blocks:
             cache.compress(important.to(call.key.device))
         self.method.record(self.layer, important, real)
-        if not c.sparse_prefill or bool((important | ~real).all()):
+        if not c.sparse_prefill:
             return None
-        return sparse_attention(call, important | recent, g)
+        keep = important | recent
+        counts = keep.sum(1)
+        dense, longest, shortest = torch.stack([(important | ~real).all(), counts.max(), counts.min()]).tolist()
+        if dense:
+            return None
+        return sparse_attention(call, keep, g, longest, ragged=longest != shortest)
 
 
 class _DecodeScores:
@@ -278,18 +288,26 @@ class _DecodeScores:
         self.cache.add_scores(call)
 
 
-def sparse_attention(call: AttentionCall, keep: torch.Tensor, g: Group) -> torch.Tensor:
+def sparse_attention(
+    call: AttentionCall, keep: torch.Tensor, g: Group, longest: int | None = None, ragged: bool = True
+) -> torch.Tensor:
     """Attention among the ``keep`` [B, L] slots only (causal in original positions, the layer's mask
-    gathered), through SDPA on the gathered tokens; rows of the other slots are zero. [B, L, H, d]."""
+    gathered), through SDPA on the gathered tokens; rows of the other slots are zero. [B, L, H, d].
+    ``longest`` / ``ragged``: the largest kept count and whether counts differ, if the caller knows them."""
     b, _h, n, _d = call.query.shape
     slots = Group(0, torch.arange(n, device=keep.device).expand(b, n), torch.ones_like(keep))
-    sub = select(slots, keep, 0)  # ragged rows padded with distinct fill slots
+    sub = select(slots, keep, 0, longest)  # ragged rows padded with distinct fill slots
     order, valid = sub.order, sub.valid
-    orig = torch.gather(g.index, 1, order)
-    mask = restrict_mask(call.mask, order, order, valid, order.shape[1], (orig, orig))
+    if call.mask is None and not ragged:  # still SDPA's causal pattern over the sorted kept slots
+        mask = None
+    else:
+        orig = torch.gather(g.index, 1, order)
+        mask = restrict_mask(call.mask, order, order, valid, order.shape[1], (orig, orig))
     q, k, v = (_gather_tokens(t, order) for t in (call.query, call.key, call.value))
     out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](call.module, q, k, v, mask, scaling=call.scaling, dropout=0.0)
     full = out.new_zeros(b, n, out.shape[2], out.shape[3])
+    if b == 1:  # one sample: every gathered row is a kept token
+        return full.index_copy_(1, order[0], out)
     out = out * valid[:, :, None, None].to(out.dtype)
     return full.scatter_(1, order[:, :, None, None].expand_as(out), out)
 
@@ -301,9 +319,10 @@ class ZipVL(Method):
 
     def __init__(self, config: ZipVLConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
-        self.layers: dict[int, ZipVLCacheLayer] = {}
-        self.last_stats: dict[str, Any] = {}
-        self._important: dict[int, float] = {}
+        # weak: the cache (held by generate or the caller) owns its layers; a strong reference here kept the
+        # last prompt's whole cache alive after generation, and across wrap / unwrap
+        self.layers: weakref.WeakValueDictionary[int, ZipVLCacheLayer] = weakref.WeakValueDictionary()
+        self._important: dict[int, torch.Tensor] = {}
 
     def validate(self, n_layers: int) -> None:
         c = self.config
@@ -325,7 +344,7 @@ class ZipVL(Method):
             raise ConfigError(f"zipvl: scope must be 'all' or 'visual', got {c.scope!r}")
 
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
-        self.layers = {}  # cache_layer() fills it at this prefill, if a cache is in use
+        self.layers = weakref.WeakValueDictionary()  # cache_layer() fills it at this prefill, if a cache is in use
         self._important = {}
 
     def cache_layer(self, layer: int) -> ZipVLCacheLayer:
@@ -344,9 +363,8 @@ class ZipVL(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(important [B, L], recent probe window [B, L]) of this layer's slots."""
         c = self.config
-        gen = torch.Generator().manual_seed(c.seed * 100_003 + layer)
-        probes, recent = choose_probes(real.cpu(), c.probe_ratio, c.recent_share, gen)
-        probes, recent = probes.to(real.device), recent.to(real.device)
+        gen = torch.Generator(device=real.device).manual_seed(c.seed * 100_003 + layer)
+        probes, recent = choose_probes(real, c.probe_ratio, c.recent_share, gen)
         pos, weight = _rows(probes)
         query = _gather_tokens(call.query, pos)
         acc, count = probe_scores(query, call.key, pos, weight.float(), real, call.scaling)
@@ -356,9 +374,15 @@ class ZipVL(Method):
 
     def record(self, layer: int, important: torch.Tensor, real: torch.Tensor) -> None:
         frac = (important & real).sum(1).float() / real.sum(1).clamp_min(1).float()
-        self._important[layer] = frac.mean().item()
-        ratios = [self._important[i] for i in sorted(self._important)]
-        self.last_stats = {"important_ratio_per_layer": ratios, "important_ratio": sum(ratios) / len(ratios)}
+        self._important[layer] = frac.mean()  # read on the host only when last_stats is asked for
+
+    @property
+    def last_stats(self) -> dict[str, Any]:
+        """Important-token ratio per layer and its mean over layers, for the last prefill."""
+        if not self._important:
+            return {}
+        ratios = torch.stack([self._important[i] for i in sorted(self._important)]).tolist()
+        return {"important_ratio_per_layer": ratios, "important_ratio": sum(ratios) / len(ratios)}
 
 
 register_method(ZipVLConfig, ZipVL)

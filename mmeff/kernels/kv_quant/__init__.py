@@ -79,25 +79,41 @@ def value_group(group: int, head_dim: int) -> int:
     return g
 
 
-def quantize_kv(x: torch.Tensor, bits: int, group: int, axis: Axis) -> QuantizedTensor:
-    """Quantize a ``[B, H, T, D]`` key (``axis="channel"``) or value (``axis="token"``) tensor."""
+def _take(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Tokens ``index`` [B, M] of ``x`` [B, H, T, D] (all of them for None)."""
+    if index is None:
+        return x
+    return torch.gather(x, 2, index[:, None, :, None].expand(x.shape[0], x.shape[1], index.shape[1], x.shape[3]))
+
+
+def quantize_kv(
+    x: torch.Tensor, bits: int, group: int, axis: Axis, index: torch.Tensor | None = None
+) -> QuantizedTensor:
+    """Quantize a ``[B, H, T, D]`` key (``axis="channel"``) or value (``axis="token"``) tensor, or only its
+    tokens ``index`` [B, M] (the Triton kernels gather them as they read; the reference gathers first)."""
     b, h, t, d = x.shape
+    m = t if index is None else index.shape[1]
     if bits == 16:
-        return QuantizedTensor((b, h, t, d), x.dtype, 16, group, axis, x.contiguous())
-    if axis == "token":
-        g = value_group(group, d)
-        rows = x.reshape(b * h * t, d)
-    elif axis == "channel":
-        g = group
-        pad = -t % g
-        xt = x.transpose(-1, -2)  # [B, H, D, T]: groups run along tokens
-        if pad and t:
-            xt = torch.cat([xt, xt[..., -1:].expand(b, h, d, pad)], -1)
-        rows = xt.reshape(b * h * d, t + (pad if t else 0))
-    else:
+        return QuantizedTensor((b, h, m, d), x.dtype, 16, group, axis, _take(x, index).contiguous())
+    if axis not in ("channel", "token"):
         raise ValueError(f"kv_quant: axis must be 'channel' or 'token', got {axis!r}")
+    g = value_group(group, d) if axis == "token" else group
+    fused = _use_triton(x) and (axis == "token" or not d & (d - 1))
+    if fused:
+        fn = _triton.quantize_tokens if axis == "token" else _triton.quantize_channels
+        packed, scale, offset = fn(x, bits, g, index)
+        return QuantizedTensor((b, h, m, d), x.dtype, bits, g, axis, packed, scale, offset)
+    x = _take(x, index)
+    if axis == "token":
+        rows = x.reshape(b * h * m, d)
+    else:
+        pad = -m % g
+        xt = x.transpose(-1, -2)  # [B, H, D, M]: groups run along tokens
+        if pad and m:
+            xt = torch.cat([xt, xt[..., -1:].expand(b, h, d, pad)], -1)
+        rows = xt.reshape(b * h * d, m + (pad if m else 0))
     packed, scale, offset = quantize_rows(rows, bits, g)
-    return QuantizedTensor((b, h, t, d), x.dtype, bits, g, axis, packed, scale, offset)
+    return QuantizedTensor((b, h, m, d), x.dtype, bits, g, axis, packed, scale, offset)
 
 
 __all__ = ["QuantizedTensor", "dequantize_rows", "quantize_kv", "quantize_rows", "value_group"]
