@@ -56,7 +56,7 @@ def test_fused_cache_quantization_matches_gather_then_reference(dtype, bits, axi
     x = (torch.randn(2, 4, 333, 128, device="cuda") * torch.rand(128, device="cuda") * 4).to(dtype)
     index = torch.stack([torch.randperm(333, device="cuda")[:301].sort().values for _ in range(2)]) if gather else None
     got = kvq.quantize_kv(x, bits, 32, axis, index)
-    xx = kvq._take(x, index)
+    xx = kvq.gather_tokens(x, index)
     b, h, m, d = xx.shape
     if axis == "token":
         rows = xx.reshape(b * h * m, d)

@@ -79,10 +79,12 @@ def value_group(group: int, head_dim: int) -> int:
     return g
 
 
-def _take(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """Tokens ``index`` [B, M] of ``x`` [B, H, T, D] (all of them for None)."""
+def gather_tokens(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Tokens ``index`` [B, M] (per sample) of ``x`` [B, H, T, D]; all of them for None."""
     if index is None:
         return x
+    if x.shape[0] == 1:  # whole rows: index_select is ~2x faster than an expanded-index gather
+        return x.index_select(2, index[0])
     return torch.gather(x, 2, index[:, None, :, None].expand(x.shape[0], x.shape[1], index.shape[1], x.shape[3]))
 
 
@@ -94,7 +96,7 @@ def quantize_kv(
     b, h, t, d = x.shape
     m = t if index is None else index.shape[1]
     if bits == 16:
-        return QuantizedTensor((b, h, m, d), x.dtype, 16, group, axis, _take(x, index).contiguous())
+        return QuantizedTensor((b, h, m, d), x.dtype, 16, group, axis, gather_tokens(x, index).contiguous())
     if axis not in ("channel", "token"):
         raise ValueError(f"kv_quant: axis must be 'channel' or 'token', got {axis!r}")
     g = value_group(group, d) if axis == "token" else group
@@ -103,7 +105,7 @@ def quantize_kv(
         fn = _triton.quantize_tokens if axis == "token" else _triton.quantize_channels
         packed, scale, offset = fn(x, bits, g, index)
         return QuantizedTensor((b, h, m, d), x.dtype, bits, g, axis, packed, scale, offset)
-    x = _take(x, index)
+    x = gather_tokens(x, index)
     if axis == "token":
         rows = x.reshape(b * h * m, d)
     else:
@@ -116,4 +118,4 @@ def quantize_kv(
     return QuantizedTensor((b, h, m, d), x.dtype, bits, g, axis, packed, scale, offset)
 
 
-__all__ = ["QuantizedTensor", "dequantize_rows", "quantize_kv", "quantize_rows", "value_group"]
+__all__ = ["QuantizedTensor", "dequantize_rows", "gather_tokens", "quantize_kv", "quantize_rows", "value_group"]
