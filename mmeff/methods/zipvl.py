@@ -62,6 +62,12 @@ class ZipVLConfig(MethodConfig):
 
 
 # -- the ratio rule and the probes -------------------------------------------------------------------------------
+def _rank(order: torch.Tensor) -> torch.Tensor:
+    """Inverse of a per-row permutation [B, L]: each slot's place in ``order``."""
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
 def important_set(scores: torch.Tensor, candidates: torch.Tensor, tau: float) -> torch.Tensor:
     """[B, L] bool: per row, the smallest set of candidates whose score mass reaches ``tau`` of the candidates'
     total (highest scores first; ties towards the earlier position). ``tau >= 1`` or no mass: every candidate."""
@@ -73,8 +79,7 @@ def important_set(scores: torch.Tensor, candidates: torch.Tensor, tau: float) ->
     n_keep = (mass < tau * total).sum(1) + 1
     full = (total[:, 0] <= 0) | (tau >= 1.0)
     n_keep = torch.where(full, n_cand, torch.minimum(n_keep, n_cand))
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
+    rank = _rank(order)
     return candidates & (rank < n_keep[:, None])
 
 
@@ -91,9 +96,7 @@ def choose_probes(
     recent = real & (from_end <= n_recent[:, None])
     rest = real & ~recent
     priority = torch.rand(real.shape, generator=generator, device=real.device).masked_fill(~rest, 2.0)
-    order = priority.argsort(1)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(real.shape[1], device=real.device).expand_as(order))
-    picked = rest & (rank < (n_probe - n_recent)[:, None])
+    picked = rest & (_rank(priority.argsort(1)) < (n_probe - n_recent)[:, None])
     return picked | recent, recent
 
 
@@ -270,7 +273,7 @@ class _Prefill:
         dense, longest, shortest = torch.stack([(important | ~real).all(), counts.max(), counts.min()]).tolist()
         if dense:
             return None
-        return sparse_attention(call, keep, g, longest, ragged=longest != shortest)
+        return sparse_attention(call, keep, g, longest, longest != shortest)
 
 
 class _DecodeScores:
@@ -281,12 +284,10 @@ class _DecodeScores:
         self.cache.add_scores(call)
 
 
-def sparse_attention(
-    call: AttentionCall, keep: torch.Tensor, g: Group, longest: int | None = None, ragged: bool = True
-) -> torch.Tensor:
+def sparse_attention(call: AttentionCall, keep: torch.Tensor, g: Group, longest: int, ragged: bool) -> torch.Tensor:
     """Attention among the ``keep`` [B, L] slots only (causal in original positions, the layer's mask
     gathered), through SDPA on the gathered tokens; rows of the other slots are zero. [B, L, H, d].
-    ``longest`` / ``ragged``: the largest kept count and whether counts differ, if the caller knows them."""
+    ``longest`` / ``ragged``: the largest kept count and whether the counts differ (read by the caller)."""
     b, _h, n, _d = call.query.shape
     slots = Group(0, torch.arange(n, device=keep.device).expand(b, n), torch.ones_like(keep))
     sub = select(slots, keep, 0, longest)  # ragged rows padded with distinct fill slots
