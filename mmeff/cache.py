@@ -11,12 +11,31 @@ Methods that compress or quantize the cache subclass :class:`SlotLayer` and hand
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from mmeff.errors import UnsupportedModelError
+
+# transformers >= 5.24 passes the KV cache as ``cache`` (``past_key_values`` before; still accepted, deprecated)
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def find_cache(source: Mapping[str, Any] | Any) -> Cache | None:
+    """The KV cache among a call's arguments or in a model output, under either transformers name."""
+    for key in CACHE_KWARGS:
+        found = source.get(key) if isinstance(source, Mapping) else getattr(source, key, None)
+        if found is not None:
+            return found
+    return None
+
+
+def cache_kwarg(fn: Callable[..., Any]) -> str:
+    """The name ``fn`` (a ``forward``) takes the KV cache by, in the installed transformers."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 class SlotLayer(DynamicLayer):

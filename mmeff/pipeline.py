@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mmeff import attention
-from mmeff.cache import SlotLayer, cache_nbytes, install_slot_layers
+from mmeff.cache import CACHE_KWARGS, SlotLayer, cache_kwarg, cache_nbytes, find_cache, install_slot_layers
 from mmeff.errors import MmeffError, StageConflictError, UnsupportedModelError
 from mmeff.methods.base import EXCLUSIVE_POINTS, Method, Point
 from mmeff.models.base import Adapter
@@ -184,7 +184,7 @@ class Pipeline:
             return
         inputs = self._signature.bind_partial(*args, **kwargs).arguments
         inputs.update(inputs.pop("kwargs", {}) or {})
-        cache = inputs.get("past_key_values")
+        cache = find_cache(inputs)
         self._memo.clear()
         self._t0 = self._clock()
         if cache is not None and cache.get_seq_length() > 0:
@@ -244,11 +244,13 @@ class Pipeline:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.adapter.text_config, "use_cache", True)
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         if cache is None and not use_cache:
             return None
         factory = next((m.cache_layer for m in self.methods if Point.CACHE in m.points), None)
-        kwargs["past_key_values"] = install_slot_layers(cache, len(self.adapter.layers), factory)
+        for key in CACHE_KWARGS:
+            kwargs.pop(key, None)
+        kwargs[cache_kwarg(module.forward)] = install_slot_layers(cache, len(self.adapter.layers), factory)
         return args, kwargs
 
     def _attn_hooks(self, layer: int):
@@ -311,7 +313,7 @@ class Pipeline:
 
     def _restrict_kwargs(self, layer: int, st: State, g: Group, kwargs: dict) -> None:
         n_slots = g.index.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         if st.phase == "prefill":
             if cache is not None and isinstance(cache.layers[layer], SlotLayer):
                 cache.layers[layer].removed = st.n_prompt - n_slots
@@ -385,12 +387,12 @@ class Pipeline:
                 "visual_tokens_in": st.visual.sum(1).float().mean().item(),
                 "visual_tokens_kept": kept.mean().item(),
                 "visual_tokens_kept_per_layer": kept.mean(0).tolist(),
-                "kv_cache_bytes": cache_nbytes(getattr(output, "past_key_values", None)),
+                "kv_cache_bytes": cache_nbytes(find_cache(output)),
                 "prefill_ms": self._clock() - self._t0,
                 "decode_tokens": 0,
                 "decode_ms": 0.0,
             }
-            st.phase = "decode" if getattr(output, "past_key_values", None) is not None else "prefill"
+            st.phase = "decode" if find_cache(output) is not None else "prefill"
             st.decoded = 0
             if st.phase == "prefill":  # no cache: every call is a fresh prefill
                 self.state = None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmeff.cache import cache_kwarg, find_cache
 from mmeff.errors import ConfigError
 from mmeff.state import State
 
@@ -126,7 +127,7 @@ class SideStream:
         finally:
             if hasattr(self.base, "rope_deltas"):
                 self.base.rope_deltas = saved
-        self.cache = out.past_key_values
+        self.cache = find_cache(out)
         self.ms += (time.perf_counter() - t0) * 1e3
         return out.logits[:, -1].float()
 
@@ -141,4 +142,5 @@ class SideStream:
         pos = text_positions(self.mask)[:, -tokens.shape[1]:]
         if self.deltas is not None:  # M-RoPE: text tokens after the image share one offset in all 3 rows
             pos = (pos + self.deltas.to(pos.device))[None].expand(3, -1, -1)
-        return self._call(input_ids=tokens, attention_mask=self.mask, past_key_values=self.cache, position_ids=pos)
+        return self._call(input_ids=tokens, attention_mask=self.mask, position_ids=pos,
+                          **{cache_kwarg(self.model.forward): self.cache})

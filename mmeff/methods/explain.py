@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mmeff.attention import AttentionCall
+from mmeff.cache import CACHE_KWARGS, cache_kwarg
 from mmeff.config import MethodConfig, register_method
 from mmeff.errors import ConfigError, MmeffError
 from mmeff.methods.base import Method, Point
@@ -179,11 +180,12 @@ class Explain(Method):
         norm = getattr(layer0, "input_layernorm", None)
         if norm is None:
             raise MmeffError(f"explain: {type(layer0).__name__} has no input_layernorm to probe layer 0 with")
-        skip = ("past_key_values", "use_cache", "hidden_states")  # the probe must not write the KV cache
+        skip = (*CACHE_KWARGS, "use_cache", "hidden_states")  # the probe must not write the KV cache
         kwargs = {k: v for k, v in self._layer0_kwargs.items() if k not in skip}
         self._probe = _Probe(probe_weights(state.visual, state.attention_mask).to(hidden.device))
         try:
-            self.adapter.attention(layer0)(hidden_states=norm(hidden), past_key_values=None, **kwargs)
+            attn = self.adapter.attention(layer0)
+            attn(hidden_states=norm(hidden), **{cache_kwarg(attn.forward): None}, **kwargs)
         finally:
             probe, self._probe, self._layer0_kwargs = self._probe, None, {}
         if probe.channels is None:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmeff.cache import cache_kwarg
+
 from .model import IMAGE_SIZE, NUM_VISUAL_TOKENS, TOKEN_GRID, answer_text, build_model, chat_prompt, save_reference
 from .scenes import Scene, make_scene, render
 from .synthetic import JPEG_QUALITY, TRAIN_SEEDS
@@ -293,7 +295,8 @@ class _QwenTrainingSpeedups:
         with torch.no_grad():
             pos = model.model.compute_3d_position_ids(
                 input_ids=row["input_ids"], image_grid_thw=grid, video_grid_thw=None, inputs_embeds=None,
-                attention_mask=torch.ones_like(row["input_ids"]), past_key_values=None,
+                attention_mask=torch.ones_like(row["input_ids"]),
+                **{cache_kwarg(model.model.compute_3d_position_ids): None},
                 mm_token_type_ids=row["mm_token_type_ids"])
         self.position_ids = pos  # (rows, 1, width)
 
