@@ -3,6 +3,8 @@
     python benchmarks/profile_prefill.py --model llava-1.5-7b --preset none,vflowopt-90 --batch-size 16 \
         --output out/profile
 
+``--decode N`` profiles N decode steps after the (unprofiled) prefill instead.
+
 For each preset: the prefill wall time (CUDA events), the summed GPU kernel time (the gap is host overhead:
 launches and synchronisations), and the top operators by self CPU time and by GPU time, written to
 ``OUTPUT/<model>_b<batch>_<preset>.txt``, with the self CPU time attributed to the innermost mmeff frame on
@@ -12,6 +14,7 @@ each operator's Python stack. Random weights: timing only.
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,12 +22,42 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mmeff
+from mmeff.cache import cache_kwarg, find_cache
 from mmeff.evaluation import speed
 
 
 def prefill(model: torch.nn.Module, inputs: dict) -> None:
     with torch.no_grad():
         model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+class Decode:
+    """N greedy decode steps after a prefill: ``prepare`` prefills (not profiled), ``decode`` times the steps."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict, steps: int) -> None:
+        self.model, self.inputs, self.steps = model, inputs, steps
+
+    def prepare(self) -> None:
+        with torch.no_grad():
+            out = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+        self.cache, self.token = find_cache(out), out.logits[:, -1:].argmax(-1)
+        self.mask = self.inputs.get("attention_mask")
+        self.name = cache_kwarg(self.model.forward)
+
+    def decode(self) -> float:
+        """Wall ms of the steps (synchronised before and after)."""
+        sync = torch.cuda.synchronize if self.token.is_cuda else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(self.steps):
+                if self.mask is not None:
+                    self.mask = torch.cat([self.mask, torch.ones_like(self.token)], 1)
+                out = self.model(input_ids=self.token, attention_mask=self.mask, use_cache=True,
+                                 **{self.name: self.cache})
+                self.token = out.logits[:, -1:].argmax(-1)
+        sync()
+        return (time.perf_counter() - start) * 1e3
 
 
 def by_mmeff_function(prof: profile) -> list[tuple[str, float]]:
@@ -79,6 +112,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--output", type=Path, default=Path("out/profile"))
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--decode", type=int, default=0, help="profile this many decode steps instead of the prefill")
     args = ap.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -93,18 +127,30 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     for name in args.preset.split(","):
         with mmeff.wrap(net, name):
-            for _ in range(2):
-                prefill(net, inputs)
-            wall = min(timer(lambda: prefill(net, inputs))[0] for _ in range(3))
-            with profile(activities=activities, with_stack=True) as prof:
-                prefill(net, inputs)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
+            if args.decode:
+                run = Decode(net, inputs, args.decode)
+                walls = []
+                for _ in range(3):
+                    run.prepare()
+                    walls.append(run.decode())
+                wall = min(walls[1:])
+                run.prepare()
+                with profile(activities=activities, with_stack=True) as prof:
+                    run.decode()
+            else:
+                for _ in range(2):
+                    prefill(net, inputs)
+                wall = min(timer(lambda: prefill(net, inputs))[0] for _ in range(3))
+                with profile(activities=activities, with_stack=True) as prof:
+                    prefill(net, inputs)
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
         events = prof.key_averages()
         # kernel events only: an operator's self device time repeats its kernels' time (counted twice before)
         gpu_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events
                      if str(getattr(e, "device_type", "")).endswith("CUDA"))
-        head = (f"{args.model} batch {args.batch_size} preset {name}: prefill {wall:.1f} ms (best of 3), "
+        what = f"{args.decode} decode steps" if args.decode else "prefill"
+        head = (f"{args.model} batch {args.batch_size} preset {name}: {what} {wall:.1f} ms (best), "
                 f"GPU kernels {gpu_us / 1e3:.1f} ms, host-bound gap {wall - gpu_us / 1e3:.1f} ms\n")
         print(head, flush=True)
         text = [head]
@@ -115,14 +161,14 @@ def main() -> None:
                 continue
         text.append("-- self CPU ms under mmeff functions\n" + "\n".join(f"{ms:9.2f}  {fn}" for fn, ms in
                                                                         by_mmeff_function(prof)))
-        if args.device == "cuda":
+        if args.device == "cuda" and not args.decode:
             with mmeff.wrap(net, name):
                 syncs = sync_points(net, inputs)
             total = sum(n for n, _ in syncs)
             print(f"  {total} host synchronisations; top: {syncs[:4]}", flush=True)
             sites = "\n".join(f"{n:5d}  {w}" for n, w in syncs)
             text.append(f"-- {total} host synchronisations, by call site\n{sites}")
-        stem = f"{args.model}_b{args.batch_size}_i{args.images}_{Path(name).stem}"
+        stem = f"{args.model}_b{args.batch_size}_i{args.images}_{Path(name).stem}" + ("_decode" if args.decode else "")
         (args.output / f"{stem}.txt").write_text("\n".join(text))
 
 

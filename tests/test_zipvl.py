@@ -144,13 +144,56 @@ def test_cache_layer_bytes_and_blocks():
     assert hi_err < lo_err  # important tokens at 4 bits, the rest at 2
     for step in range(4):  # decode: buffered in full precision, recompressed after 3 tokens
         nk = torch.randn(2, 2, 1, 16)
-        kk, _ = layer.update(nk, nk)
+        buf, _ = layer.update(nk, nk)  # the buffer: the blocks are read by the decode hook
+        kk, _ = layer.full()
         assert kk.shape[-2] == 41 + step and layer.get_seq_length() == 41 + step
+        assert buf.shape[-2] == (step + 1 if step < 3 else 1)
         if step < 3:
-            assert torch.equal(kk[..., -1:, :], nk)
+            assert torch.equal(kk[..., -1:, :], nk) and torch.equal(buf[..., -1:, :], nk)
             layer.score_acc += 1.0
             layer.score_cnt += 1.0
     assert len(layer.blocks) == 2 and layer.keys.shape[-2] == 1
+
+
+def test_decode_attention_over_parts_and_buffer_is_exact():
+    """Split-K decode: the (out, lse) partials of a block's parts (tokens in any order, padding entries in the
+    dummy column) and the full-precision buffer merge into softmax attention over every key (GQA, hidden
+    columns); the buffer's probabilities come out too. A quantized part = its dequantized keys/values."""
+    from mmeff.kernels.quant_attention import Segment, decode_attention, part_attention, part_bias, segment_attention
+
+    torch.manual_seed(0)
+    b, hq, hkv, t, n, d = 2, 6, 3, 50, 40, 16  # a block of 40 tokens, then a buffer of 10
+    q, k, v = torch.randn(b, hq, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    bias = torch.randn(b, t)
+    bias[0, 7] = float("-inf")
+    bias[1, :12] = float("-inf")  # left padding
+    kk, vv = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    p = torch.softmax(torch.einsum("bhd,bhtd->bht", q, kk) * 0.25 + bias[:, None], -1)
+    want = torch.einsum("bht,bhtd->bhd", p, vv)
+    important = torch.rand(b, n) < 0.3
+    parts = []
+    for members in (important, ~important):
+        m = int(members.sum(1).max()) + 1  # one padding entry at least
+        index = torch.full((b, m), n, dtype=torch.int32)
+        for i in range(b):
+            cols = members[i].nonzero()[:, 0]
+            index[i, : len(cols)] = cols.int()
+        at = torch.where(index < n, index, 0)
+        parts.append(Segment(quantize_kv(k[:, :, :n], 16, 16, "channel", at),
+                             quantize_kv(v[:, :, :n], 16, 16, "token", at), index, n, bias[:, :n]))
+    out, probs = decode_attention(q, parts, k[:, :, n:], v[:, :, n:], bias[:, n:], 0.25)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs, p[..., n:], rtol=1e-5, atol=1e-6)
+
+    index = torch.tensor([[3, 9, 20, t], [0, 1, 2, 5]], dtype=torch.int32)  # the last of sample 0: padding
+    kq = quantize_kv(k, 8, 16, "channel", torch.where(index < t, index, 0))
+    vq = quantize_kv(v, 8, 16, "token", torch.where(index < t, index, 0))
+    out, lse = part_attention(q, kq, vq, index, t, bias, 0.25)
+    hidden = part_bias(index, t, bias)
+    assert torch.isinf(hidden[0, 3]) and torch.equal(hidden[1], bias[1, [0, 1, 2, 5]])
+    want_out, want_lse = segment_attention(q, kq.dequantize(), vq.dequantize(), hidden, 0.25)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
 
 
 # -- end to end --------------------------------------------------------------------------------------------------
@@ -266,6 +309,25 @@ def test_composes_after_fastv(tiny_model_dir):
         out = model.generate(**inputs, **GEN)
         assert handle.pipeline.methods[1].last_stats["important_ratio"] < 1
     assert out.sequences.shape == ref.sequences.shape
+
+
+@torch.no_grad()
+def test_decode_from_quantized_cache_equals_materialised_reference(tiny_model_dir):
+    """The decode hook's segment-wise attention over the stored parts (plus the buffer, across
+    recompressions) = dequantizing the whole layer and running SDPA, on a left-padded batch; and ZipVL refuses
+    to run beside a method whose attention edits it would bypass."""
+    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+    inputs = batch(processor, "llava")
+    gen = {**GEN, "max_new_tokens": 6, "min_new_tokens": 6}
+    runs = {}
+    for fused in (True, False):
+        with mmeff.wrap(model, "zipvl", tau=0.9, recompress_every=2, group_size=16, fused_decode=fused):
+            runs[fused] = model.generate(**inputs, **gen)
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for got, want in zip(runs[True].logits, runs[False].logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(mmeff.errors.StageConflictError, match="var"):
+        mmeff.wrap(model, "zipvl+var")
 
 
 def test_presets_resolve_per_family_and_bad_config_is_refused(tiny_model_dir):

@@ -20,6 +20,10 @@ Per decoder layer, at prefill (our reading of the paper; items marked * were not
    token (groups of ``group_size`` channels) — :mod:`mmeff.kernels.kv_quant`. Decoded tokens stay in full
    precision until ``recompress_every`` (100*) of them have accumulated; the decode queries' attention to them
    (normalized the same way) then splits them by the same ``tau`` rule and they are quantized as one block.
+6. *Decode attention* reads the cache as stored: per quantized part, a fused kernel unpacks and dequantizes the
+   codes in registers inside a split-K online softmax (:mod:`mmeff.kernels.quant_attention`); the parts' and
+   the full-precision buffer's (out, log-sum-exp) partials merge exactly. No dequantized copy of the layer is
+   built (``fused_decode=False`` builds it, then runs SDPA: the slow reference).
 
 ``bits = 16`` stores a set unquantized; with ``tau = 1`` and 16 bits the model is unchanged (tested).
 """
@@ -41,6 +45,7 @@ from mmeff.kernels.attention_stats import received_attention
 from mmeff.kernels.kv_quant import QuantizedTensor, gather_tokens, quantize_kv, value_group
 from mmeff.kernels.kv_quant.reference import SUPPORTED_BITS
 from mmeff.kernels.probe_scores import normalized_scores, probe_scores
+from mmeff.kernels.quant_attention import Segment, decode_attention
 from mmeff.methods.base import Method, Point
 from mmeff.state import Group, State, restrict_mask, select
 
@@ -58,6 +63,7 @@ class ZipVLConfig(MethodConfig):
     lo_bits: int = 2
     group_size: int = 32
     recompress_every: int = 100
+    fused_decode: bool = True
     seed: int = 0
 
 
@@ -135,8 +141,10 @@ class ZipVLCacheLayer(SlotLayer):
     """A cache layer holding quantized blocks (important tokens at ``hi_bits``, the rest at ``lo_bits``)
     followed by a full-precision buffer of the newest decoded tokens (``self.keys`` / ``self.values``).
 
-    ``update`` returns the whole layer dequantized, as transformers expects; ``nbytes`` counts the packed
-    codes, scales, offsets, token indices and the buffer — what the layer really holds.
+    Once blocks exist, ``update`` returns the buffer only: the layer's attention is computed by the ZipVL
+    decode hook through :meth:`attend`, which reads the blocks as stored (``full`` materialises the whole
+    layer, for the slow reference). ``nbytes`` counts the packed codes, scales, offsets, token indices and
+    the buffer — what the layer really holds.
     """
 
     def __init__(self, config: ZipVLConfig) -> None:
@@ -144,7 +152,8 @@ class ZipVLCacheLayer(SlotLayer):
         self.config = config
         self.blocks: list[_Block] = []
         self.n_quantized = 0
-        self.score_acc: torch.Tensor | None = None  # [B, buffer]: decode attention received by buffered tokens
+        # [B, capacity >= buffer]: decode attention received by the buffered tokens, and how many rows saw them
+        self.score_acc: torch.Tensor | None = None
         self.score_cnt: torch.Tensor | None = None
 
     # length bookkeeping: the buffer is self.keys, the blocks come before it
@@ -163,15 +172,26 @@ class ZipVLCacheLayer(SlotLayer):
             return self.keys, self.values
         buffered = self.keys.shape[-2]
         if buffered >= self.config.recompress_every and self.score_acc is not None and self.blocks:
-            self.compress(important_set(normalized_scores(self.score_acc, self.score_cnt),
-                                        torch.ones_like(self.score_acc, dtype=torch.bool), self.config.tau))
+            acc, cnt = self.buffer_scores()
+            self.compress(important_set(normalized_scores(acc, cnt), torch.ones_like(acc, dtype=torch.bool),
+                                        self.config.tau))
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        if self.blocks:  # decode: start scoring the new tokens
-            new = key_states.new_zeros(key_states.shape[0], key_states.shape[-2], dtype=torch.float32)
-            self.score_acc = new if self.score_acc is None else torch.cat([self.score_acc, new], 1)
-            self.score_cnt = new.clone() if self.score_cnt is None else torch.cat([self.score_cnt, new], 1)
-        return self.full()
+        buffered = self.keys.shape[-2]
+        if self.blocks and (self.score_acc is None or self.score_acc.shape[1] < buffered):
+            # decode: score the new tokens; room for a whole recompression period, so no per-step allocation
+            size = max(buffered, self.config.recompress_every + 1)
+            scores = key_states.new_zeros(2, key_states.shape[0], size, dtype=torch.float32)
+            if self.score_acc is not None:
+                old = self.score_acc.shape[1]
+                scores[0, :, :old], scores[1, :, :old] = self.score_acc, self.score_cnt
+            self.score_acc, self.score_cnt = scores[0], scores[1]
+        return self.keys, self.values
+
+    def buffer_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(accumulated attention, row count) [B, buffer] of the buffered tokens (views of the storage)."""
+        n = self.keys.shape[-2]
+        return self.score_acc[:, :n], self.score_cnt[:, :n]
 
     def compress(self, important: torch.Tensor) -> None:
         """Quantize the whole buffer as one block: ``important`` [B, buffer] at hi_bits, the rest at lo_bits."""
@@ -217,17 +237,45 @@ class ZipVLCacheLayer(SlotLayer):
             vs.append(vb[..., : block.length, :])
         return torch.cat([*ks, self.keys], -2), torch.cat([*vs, self.values], -2)
 
-    def add_scores(self, call: AttentionCall) -> None:
-        """Decode: add the attention the buffered tokens received from this step's queries (for recompression)."""
-        if self.score_acc is None:
-            return
-        nbuf = self.score_acc.shape[1]
-        q = call.query.shape[2]
-        rows = received_attention(call.query, call.key, call.mask, call.scaling) * q  # summed over rows
-        self.score_acc += rows[:, -nbuf:]
-        # row r (0-based among this step's q) sees buffered token j iff j <= nbuf - q + r
-        seen = (torch.arange(nbuf, device=rows.device)[:, None] <= torch.arange(nbuf - q, nbuf, device=rows.device))
-        self.score_cnt += seen.sum(1).float()[None, :]
+    def attend(self, call: AttentionCall) -> torch.Tensor:
+        """Decode: attention [B, q, H, d] of this step's queries over the blocks and the buffer (``call.key`` /
+        ``call.value`` are the buffer, ``call.mask`` covers every stored slot); also scores the buffer."""
+        q = call.query
+        mask = call.mask
+        if not self.config.fused_decode or q.shape[2] != 1 or (mask is not None and mask.shape[1] != 1):
+            return self._attend_materialised(call)
+        bias = None
+        if mask is not None:
+            row = mask[:, 0, -1, :]
+            bias = torch.where(row, 0.0, float("-inf")) if row.dtype == torch.bool else row.float()
+        parts, start = [], 0
+        for block in self.blocks:
+            block_bias = None if bias is None else bias[:, start : start + block.length]
+            parts += [Segment(p.keys, p.values, p.index, block.length, block_bias) for p in block.parts]
+            start += block.length
+        buf_bias = None if bias is None else bias[:, start:]
+        out, probs = decode_attention(q[:, :, 0], parts, self.keys, self.values, buf_bias, call.scaling)
+        if self.score_acc is not None:  # the buffered tokens' probabilities under the whole layer's softmax
+            acc, cnt = self.buffer_scores()
+            acc += probs.mean(1)
+            cnt += 1.0
+        return out[:, None]
+
+    def _attend_materialised(self, call: AttentionCall) -> torch.Tensor:
+        """The slow reference (and the path for several query rows): dequantize the layer, then SDPA."""
+        k, v = self.full()
+        if self.score_acc is not None:
+            acc, cnt = self.buffer_scores()
+            nbuf = acc.shape[1]
+            q = call.query.shape[2]
+            rows = received_attention(call.query, k, call.mask, call.scaling) * q  # summed over rows
+            acc += rows[:, -nbuf:]
+            # row r (0-based among this step's q) sees buffered token j iff j <= nbuf - q + r
+            seen = torch.arange(nbuf, device=rows.device)[:, None] <= torch.arange(nbuf - q, nbuf, device=rows.device)
+            cnt += seen.sum(1).float()[None, :]
+        out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](call.module, call.query, k, v, call.mask, scaling=call.scaling,
+                                                 dropout=0.0)
+        return out
 
     def nbytes(self) -> int:
         if not self.is_initialized or self.keys is None:
@@ -276,12 +324,14 @@ class _Prefill:
         return sparse_attention(call, keep, g, longest, longest != shortest)
 
 
-class _DecodeScores:
+class _Decode:
+    """Decode: the layer's attention read from the quantized cache (and the buffer's recompression scores)."""
+
     def __init__(self, cache: ZipVLCacheLayer) -> None:
         self.cache = cache
 
-    def observe(self, call: AttentionCall) -> None:
-        self.cache.add_scores(call)
+    def replace(self, call: AttentionCall) -> torch.Tensor:
+        return self.cache.attend(call)
 
 
 def sparse_attention(call: AttentionCall, keep: torch.Tensor, g: Group, longest: int, ragged: bool) -> torch.Tensor:
@@ -308,6 +358,9 @@ def sparse_attention(call: AttentionCall, keep: torch.Tensor, g: Group, longest:
 
 class ZipVL(Method):
     points = frozenset({Point.LAYER, Point.CACHE})
+    # ZipVL computes the attention itself (sparse prefill, decode from the quantized cache): a method that
+    # edits attention scores or probabilities in the same layers would be silently bypassed
+    conflicts = frozenset({"var", "pai", "fia"})
 
     config: ZipVLConfig
 
@@ -350,7 +403,7 @@ class ZipVL(Method):
         if state.phase == "prefill":
             return [_Prefill(self, layer, state)]
         cache = self.layers.get(layer)
-        return [_DecodeScores(cache)] if cache is not None and cache.blocks else []
+        return [_Decode(cache)] if cache is not None and cache.blocks else []
 
     def importance(
         self, call: AttentionCall, st: State, g: Group, real: torch.Tensor, layer: int
