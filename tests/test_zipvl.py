@@ -312,11 +312,12 @@ def test_composes_after_fastv(tiny_model_dir):
 
 
 @torch.no_grad()
-def test_decode_from_quantized_cache_equals_materialised_reference(tiny_model_dir):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # boolean vs additive float masks
+def test_decode_from_quantized_cache_equals_materialised_reference(tiny_model_dir, attn):
     """The decode hook's segment-wise attention over the stored parts (plus the buffer, across
     recompressions) = dequantizing the whole layer and running SDPA, on a left-padded batch; and ZipVL refuses
     to run beside a method whose attention edits it would bypass."""
-    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation=attn)
     inputs = batch(processor, "llava")
     gen = {**GEN, "max_new_tokens": 6, "min_new_tokens": 6}
     runs = {}
