@@ -159,7 +159,8 @@ def test_decode_attention_over_parts_and_buffer_is_exact():
     """Split-K decode: the (out, lse) partials of a block's parts (tokens in any order, padding entries in the
     dummy column) and the full-precision buffer merge into softmax attention over every key (GQA, hidden
     columns); the buffer's probabilities come out too. A quantized part = its dequantized keys/values."""
-    from mmeff.kernels.quant_attention import Segment, decode_attention, part_attention, part_bias, segment_attention
+    from mmeff.kernels.quant_attention import Segment, decode_attention
+    from mmeff.kernels.quant_attention.reference import part_attention, part_bias, segment_attention
 
     torch.manual_seed(0)
     b, hq, hkv, t, n, d = 2, 6, 3, 50, 40, 16  # a block of 40 tokens, then a buffer of 10
@@ -311,14 +312,9 @@ def test_composes_after_fastv(tiny_model_dir):
     assert out.sequences.shape == ref.sequences.shape
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # boolean vs additive float masks
-def test_decode_from_quantized_cache_equals_materialised_reference(tiny_model_dir, attn):
-    """The decode hook's segment-wise attention over the stored parts (plus the buffer, across
-    recompressions) = dequantizing the whole layer and running SDPA, on a left-padded batch; and ZipVL refuses
-    to run beside a method whose attention edits it would bypass."""
-    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation=attn)
-    inputs = batch(processor, "llava")
+def assert_fused_decode_matches_reference(model, inputs) -> None:
+    """Greedy ``generate`` through the decode hook (fused_decode) = through the dequantize-then-SDPA reference,
+    across recompressions (every 2 tokens)."""
     gen = {**GEN, "max_new_tokens": 6, "min_new_tokens": 6}
     runs = {}
     for fused in (True, False):
@@ -327,6 +323,16 @@ def test_decode_from_quantized_cache_equals_materialised_reference(tiny_model_di
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     for got, want in zip(runs[True].logits, runs[False].logits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # boolean vs additive float masks
+def test_decode_from_quantized_cache_equals_materialised_reference(tiny_model_dir, attn):
+    """The decode hook's segment-wise attention over the stored parts (plus the buffer, across
+    recompressions) = dequantizing the whole layer and running SDPA, on a left-padded batch; and ZipVL refuses
+    to run beside a method whose attention edits it would bypass."""
+    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation=attn)
+    assert_fused_decode_matches_reference(model, batch(processor, "llava"))
     with pytest.raises(mmeff.errors.StageConflictError, match="var"):
         mmeff.wrap(model, "zipvl+var")
 

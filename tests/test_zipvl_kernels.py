@@ -227,18 +227,11 @@ def test_quantized_decode_attention_timing(tokens):
 def test_generate_with_fused_decode_equals_materialised_reference(tiny_model_dir):
     """End to end on CUDA: ``generate`` decoding through the Triton kernel = the dequantize-then-SDPA path
     (left-padded batch, recompression every 2 tokens)."""
-    import mmeff
     from mmeff.models.factory import load_tiny
     from tests.test_wrap import batch
+    from tests.test_zipvl import assert_fused_decode_matches_reference
 
     model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
     model.to("cuda")
     inputs = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch(processor, "llava").items()}
-    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    runs = {}
-    for fused in (True, False):
-        with mmeff.wrap(model, "zipvl", tau=0.9, recompress_every=2, group_size=16, fused_decode=fused):
-            runs[fused] = model.generate(**inputs, **gen)
-    assert torch.equal(runs[True].sequences, runs[False].sequences)
-    for got, want in zip(runs[True].logits, runs[False].logits):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_fused_decode_matches_reference(model, inputs)
