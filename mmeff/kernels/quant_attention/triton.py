@@ -177,7 +177,11 @@ def _splits(query: torch.Tensor, keys: QuantizedTensor, programs_per_sm: int) ->
     return per_split, triton.cdiv(n_blocks, per_split)
 
 
-def _launch_part(query, part, scaling, out, lse, s_offset, per_split, n_splits, num_warps=NUM_WARPS) -> None:
+def _launch_part(
+    query: torch.Tensor, part: Segment, scaling: float, out: torch.Tensor, lse: torch.Tensor, s_offset: int,
+    per_split: int, n_splits: int, num_warps: int = NUM_WARPS,
+) -> None:
+    """Run the part kernel, writing its ``n_splits`` partials at ``s_offset`` of ``out`` / ``lse``."""
     b, hq, d = query.shape
     keys, values = part.keys, part.values
     bits = keys.bits
