@@ -189,7 +189,7 @@ def test_decode_attention_over_parts_and_buffer_is_exact():
     index = torch.tensor([[3, 9, 20, t], [0, 1, 2, 5]], dtype=torch.int32)  # the last of sample 0: padding
     kq = quantize_kv(k, 8, 16, "channel", torch.where(index < t, index, 0))
     vq = quantize_kv(v, 8, 16, "token", torch.where(index < t, index, 0))
-    out, lse = part_attention(q, kq, vq, index, t, bias, 0.25)
+    out, lse = part_attention(q, Segment(kq, vq, index, t, bias), 0.25)
     hidden = part_bias(index, t, bias)
     assert torch.isinf(hidden[0, 3]) and torch.equal(hidden[1], bias[1, [0, 1, 2, 5]])
     want_out, want_lse = segment_attention(q, kq.dequantize(), vq.dequantize(), hidden, 0.25)

@@ -165,8 +165,7 @@ def test_quantized_decode_attention_matches_reference(dtype, bits, shape, with_b
     assert o_tri.dtype == dtype and rel_err(o_tri, o_ref) <= TOL[dtype]
     assert rel_err(p_tri, p_ref) <= TOL[dtype]
     for part in parts:  # and each part's partials alone
-        (o1, l1), (o2, l2) = (impl.part_attention(q, part.keys, part.values, part.index, t, part.bias, d**-0.5)
-                              for impl in (qa_ref, qa_tri))
+        (o1, l1), (o2, l2) = (impl.part_attention(q, part, d**-0.5) for impl in (qa_ref, qa_tri))
         w1, w2 = torch.softmax(l1, -1), torch.softmax(l2, -1)
         assert rel_err((w2[..., None] * o2).sum(2), (w1[..., None] * o1).sum(2)) <= TOL[dtype]
         torch.testing.assert_close(torch.logsumexp(l2, -1), torch.logsumexp(l1, -1), rtol=TOL[dtype], atol=TOL[dtype])

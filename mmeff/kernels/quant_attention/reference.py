@@ -66,17 +66,10 @@ def part_bias(index: torch.Tensor, length: int, bias: torch.Tensor | None) -> to
     return got.masked_fill(~valid, float("-inf"))
 
 
-def part_attention(
-    query: torch.Tensor,
-    keys: QuantizedTensor,
-    values: QuantizedTensor,
-    index: torch.Tensor,
-    length: int,
-    bias: torch.Tensor | None,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def part_attention(query: torch.Tensor, part: Segment, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, 1, D], lse [B, Hq, 1]) float32: dequantize the part, then :func:`segment_attention`."""
-    return segment_attention(query, keys.dequantize(), values.dequantize(), part_bias(index, length, bias), scaling)
+    bias = part_bias(part.index, part.length, part.bias)
+    return segment_attention(query, part.keys.dequantize(), part.values.dequantize(), bias, scaling)
 
 
 def finish(
@@ -107,7 +100,7 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step's attention over quantized parts plus a full-precision buffer: (out [B, Hq, D] in the
     query's dtype, the buffer tokens' probabilities [B, Hq, NB] float32)."""
-    partials = [part_attention(query, p.keys, p.values, p.index, p.length, p.bias, scaling) for p in parts]
+    partials = [part_attention(query, p, scaling) for p in parts]
     scores = segment_scores(query, k_buf, scaling)
     if bias_buf is not None:
         scores = scores + bias_buf[:, None]

@@ -201,21 +201,13 @@ def _launch_part(
 
 
 def part_attention(
-    query: torch.Tensor,
-    keys: QuantizedTensor,
-    values: QuantizedTensor,
-    index: torch.Tensor,
-    length: int,
-    bias: torch.Tensor | None,
-    scaling: float,
-    programs_per_sm: int = PROGRAMS_PER_SM,
+    query: torch.Tensor, part: Segment, scaling: float, programs_per_sm: int = PROGRAMS_PER_SM
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, d = query.shape
-    per_split, n_splits = _splits(query, keys, programs_per_sm)
+    per_split, n_splits = _splits(query, part.keys, programs_per_sm)
     out = torch.empty(b, hq, n_splits, d, dtype=torch.float32, device=query.device)
     lse = torch.empty(b, hq, n_splits, dtype=torch.float32, device=query.device)
-    _launch_part(query.contiguous(), Segment(keys, values, index, length, bias), scaling, out, lse, 0, per_split,
-                 n_splits)
+    _launch_part(query.contiguous(), part, scaling, out, lse, 0, per_split, n_splits)
     return out, lse
 
 
