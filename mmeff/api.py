@@ -14,6 +14,7 @@ from mmeff.errors import MmeffError
 from mmeff.models import adapter_for
 from mmeff.pipeline import Pipeline
 from mmeff.presets import resolve
+from mmeff.static_decode import check_device
 
 _HANDLES: WeakKeyDictionary[nn.Module, Handle] = WeakKeyDictionary()
 
@@ -56,6 +57,8 @@ class Handle:
 def wrap(
     model: nn.Module,
     preset: str | MethodConfig | Sequence[str | MethodConfig] = "none",
+    *,
+    cuda_graphs: bool = False,
     **overrides: Any,
 ) -> Handle:
     """Attach the stages of ``preset`` to ``model`` (in place) and return a :class:`Handle`.
@@ -63,6 +66,9 @@ def wrap(
     ``preset``: a preset name (``mmeff.available_presets()``), several joined by ``+``, a path to a preset
     ``.toml`` file, a method config, or a list of those. ``overrides`` change config fields. Keep calling
     ``model(...)`` / ``model.generate(...)`` as before; ``mmeff.unwrap(model)`` restores the original.
+
+    ``cuda_graphs=True``: decode steps read a preallocated KV cache and replay one CUDA graph per token
+    (:mod:`mmeff.static_decode`; the model must sit on one CUDA device, and every method be graphable).
     """
     if model in _HANDLES:
         raise MmeffError("this model is already wrapped; call mmeff.unwrap(model) first")
@@ -70,7 +76,15 @@ def wrap(
     configs = resolve(preset, adapter.family, overrides)
     methods = [lookup(c.method)[1](c, adapter) for c in configs]
     pipeline = Pipeline(model, adapter, methods)
+    if cuda_graphs:
+        check_device(model)
     pipeline.attach()
+    if cuda_graphs:
+        try:
+            pipeline.enable_static_decode()
+        except MmeffError:
+            pipeline.detach()
+            raise
     handle = Handle(model, pipeline)
     _HANDLES[model] = handle
     return handle

@@ -44,22 +44,57 @@ class SlotLayer(DynamicLayer):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.removed = 0  # virtual positions not stored (prompt length - slots kept)
+        # static decode (mmeff.static_decode): keys/values are buffers with spare columns; ``filled`` of them hold
+        # tokens and ``slot`` (a device index) is where the next token goes
+        self.filled: int | None = None
+        self.slot: torch.Tensor | None = None
 
     def get_seq_length(self) -> int:
-        stored = super().get_seq_length()
+        stored = self.stored_length()
         return stored + self.removed if stored or self.removed else 0
 
     def get_mask_sizes(self, query_length: int, *args: object) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def stored_length(self) -> int:
-        return super().get_seq_length()
+        return super().get_seq_length() if self.filled is None else self.filled
+
+    def reserve(self, extra: int) -> None:
+        """Move the stored slots into buffers with ``extra`` spare columns (zeros: a masked column must not hold
+        NaN bits, which a zero attention weight would still propagate). Later single-token updates write in place
+        at ``slot``; the caller advances ``filled``."""
+        stored = self.stored_length()
+        b, h, _, d = self.keys.shape
+        keys = self.keys.new_zeros(b, h, stored + extra, d)
+        values = self.values.new_zeros(b, h, stored + extra, self.values.shape[-1])
+        keys[:, :, :stored] = self.keys[:, :, :stored]
+        values[:, :, :stored] = self.values[:, :, :stored]
+        self.keys, self.values, self.filled = keys, values, stored
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.filled is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        # static: the whole buffer goes to attention, whose mask hides the columns not filled yet
+        self.keys.index_copy_(2, self.slot, key_states)
+        self.values.index_copy_(2, self.slot, value_states)
+        return self.keys, self.values
 
     def nbytes(self) -> int:
         """Bytes held by this layer's tensors (what the cache really stores)."""
         if not self.is_initialized or self.keys is None:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.filled is not None:
+            raise NotImplementedError("mmeff static decode (cuda_graphs) does not support cropping the cache")
+        super().crop(tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("mmeff token selection does not support beam search / num_return_sequences > 1")

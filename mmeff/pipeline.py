@@ -37,6 +37,7 @@ from mmeff.errors import MmeffError, StageConflictError, UnsupportedModelError
 from mmeff.methods.base import EXCLUSIVE_POINTS, Method, Point
 from mmeff.models.base import Adapter
 from mmeff.state import Group, State, gather_seq, identity_group, restrict_mask, select
+from mmeff.static_decode import RESERVE, StaticDecoder
 
 
 class Pipeline:
@@ -54,6 +55,7 @@ class Pipeline:
         self._patched: list[tuple[Any, str]] = []
         self._t0 = 0.0
         self._suspended = False
+        self.static: StaticDecoder | None = None
         self.validate()
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -83,6 +85,13 @@ class Pipeline:
     @property
     def owns_cache(self) -> bool:
         return any(Point.CACHE in m.points for m in self.methods)
+
+    def enable_static_decode(self, capture: bool = True, reserve: int = RESERVE) -> None:
+        """Run single-token decode steps over static KV buffers (:mod:`mmeff.static_decode`), replayed from a
+        CUDA graph when ``capture`` (``capture=False``: the same static step, eagerly — the CPU reference)."""
+        if self.static is None:
+            self.static = StaticDecoder(self, capture, reserve)
+            self.static.attach()
 
     def add_hook(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)
@@ -141,6 +150,9 @@ class Pipeline:
             self._patched.append((base, name))
 
     def detach(self) -> None:
+        if self.static is not None:
+            self.static.detach()
+            self.static = None
         for h in reversed(self._handles):
             h.remove()
         self._handles.clear()
@@ -239,7 +251,7 @@ class Pipeline:
 
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         st = self.state
-        if st is None or st.phase != "prefill" or not (self.removes_tokens or self.owns_cache):
+        if st is None or st.phase != "prefill" or not (self.removes_tokens or self.owns_cache or self.static):
             return None
         use_cache = kwargs.get("use_cache")
         if use_cache is None:

@@ -21,6 +21,7 @@ def test_bench_cli_on_cpu(tmp_path):
     result = CliRunner().invoke(app, [
         "bench", "--model", "tiny-llava", "--preset", "fastv", "--device", "cpu", "--dtype", "fp32",
         "--batch-size", "1,2", "--repeats", "1", "--warmup", "1", "--new-tokens", "3", "--output", str(out),
+        "--cuda-graphs", "both",
     ])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
@@ -31,7 +32,11 @@ def test_bench_cli_on_cpu(tmp_path):
     assert fastv["visual_tokens_kept"] < none["visual_tokens_kept"] == none["visual_tokens_in"]
     assert fastv["kv_cache_bytes"] < none["kv_cache_bytes"]
     assert fastv["kv_visual_ratio"] < 1.0 and none["kv_visual_ratio"] == 1.0
-    assert all(r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert all(r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["generate_ms"] > 0 for r in rows)
+    # the graph rows need CUDA: on CPU each is a named error, and the eager rows are all still there
+    errors = data[1]["errors"]
+    assert sorted(errors) == ["fastv [graphs]", "none [graphs]"]
+    assert all("one CUDA device" in e for e in errors.values())
     assert (out / "bench.png").stat().st_size > 0 and "| fastv |" in (out / "bench.md").read_text()
 
 

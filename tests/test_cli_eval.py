@@ -179,7 +179,17 @@ def test_bad_inputs(tmp_path, bench, llava):
     result = runner.invoke(app, ["eval", "--model", "tiny-gpt2", "--data", str(bench), "--tasks", "pope_random",
                                  "--limit", "1", "--output", str(tmp_path / "d")])
     assert result.exit_code == 2 and "unknown tiny family 'gpt2'" in result.output
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()  # bad input claims no folder
+    result = runner.invoke(app, ["eval", "--cuda-graphs", "--output", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--cuda-graphs needs --device cuda" in result.output
+    for claimed in "cde":
+        assert not (tmp_path / claimed).exists()  # bad input claims no folder
+
+
+def test_graphs_only_for_presets_that_allow_them():
+    from mmeff.evaluation.runner import graphable
+
+    assert all(graphable(p, "llava") for p in ("none", "fastv", "vflowopt-90", "dyvte", "explain-50"))
+    assert not any(graphable(p, "llava") for p in ("var", "zipvl", "vcd", "pai", "vhr", "fia", "fastv+vcd"))
 
 
 def test_load_model_specs(tmp_path, monkeypatch):

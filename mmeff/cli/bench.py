@@ -24,6 +24,9 @@ def bench(
     device: str = typer.Option("cuda", help="cuda or cpu"),
     repeats: int = typer.Option(5, help="timed repeats (median)"),
     warmup: int = typer.Option(2, help="untimed warm-up runs"),
+    cuda_graphs: str = typer.Option(
+        "off", help="decode steps: off (eager hooked steps), on (static KV + CUDA graph replay), both"
+    ),
     output: Path = typer.Option(Path("bench-out"), help="folder for bench.json, bench.md, bench.png"),
 ) -> None:
     """Measure vision ms, prefill ms (= time to first token), decode tokens/s, peak memory, KV-cache bytes and
@@ -33,6 +36,9 @@ def bench(
     from mmeff.evaluation import speed
 
     console = Console()
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}
+    if cuda_graphs not in modes:
+        raise typer.BadParameter(f"--cuda-graphs must be one of {', '.join(modes)}, got {cuda_graphs!r}")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     if model in speed.architectures():
         console.print(f"[bold]{model}[/]: full-size architecture with [red]random weights[/] (timing only)")
@@ -50,7 +56,7 @@ def bench(
         res = speed.bench(
             net, [p.strip() for p in preset.split(",") if p.strip()], batch_size=b, images=images,
             image_size=tuple(size) if size else None, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-            progress=lambda p, b=b: console.print(f"  batch {b}: {p}"),
+            cuda_graphs=modes[cuda_graphs], progress=lambda p, b=b: console.print(f"  batch {b}: {p}"),
         )
         res["command"] = "mmeff " + " ".join(sys.argv[1:])
         results.append(res)

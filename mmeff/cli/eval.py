@@ -32,6 +32,8 @@ def eval_command(
     chair_max_new_tokens: int = typer.Option(512, "--chair-max-new-tokens"),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Decode from CUDA graphs (presets that allow "
+                                     "it; the others decode eagerly). Needs --device cuda."),
 ) -> None:
     """Evaluate presets on POPE / CHAIR / MME (accuracy, hallucination and measured cost)."""
     from mmeff.evaluation.runner import EvalConfig, run_eval
@@ -40,7 +42,8 @@ def eval_command(
         raise typer.BadParameter(f"--device must be cpu or cuda, got {device!r}")
     cfg = EvalConfig(model=model, presets=preset, tasks=tasks, data=data, limit=limit, batch_size=batch_size,
                      device=device, dtype=dtype, output=output, log_samples=log_samples, resume=resume,
-                     chair_max_new_tokens=chair_max_new_tokens, n_boot=n_boot, progress=progress)
+                     chair_max_new_tokens=chair_max_new_tokens, n_boot=n_boot, progress=progress,
+                     cuda_graphs=cuda_graphs)
     try:
         results = run_eval(cfg)
     except MmeffError as e:

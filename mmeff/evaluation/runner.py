@@ -56,6 +56,7 @@ class EvalConfig:
     chair_max_new_tokens: int = 512
     n_boot: int = 1000
     progress: bool = True
+    cuda_graphs: bool = False  # decode from CUDA graphs where a preset allows it (a speed setting only)
 
     def settings(self) -> dict[str, Any]:
         """What must match for a resume to continue the same run."""
@@ -325,6 +326,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     cfg.presets = parse_presets(cfg.presets)
     if cfg.batch_size < 1:
         raise MmeffError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.cuda_graphs and cfg.device != "cuda":
+        raise MmeffError(f"--cuda-graphs needs --device cuda, got --device {cfg.device}")
     cfg.output = Path(cfg.output)
     dist = Dist(cfg.device)
     if dist.main:
@@ -344,7 +347,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     model, processor, family = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
     with _progress(cfg.progress and dist.main) as progress:
         for preset in cfg.presets:
-            with mmeff.wrap(model, preset) as handle:
+            with mmeff.wrap(model, preset, cuda_graphs=cfg.cuda_graphs and graphable(preset, family)) as handle:
                 for task, task_samples in samples.items():
                     run_task(model, processor, handle, task_samples, log_path(cfg.output, preset, task),
                              cfg.batch_size, dist, progress, f"{preset} / {task}")
@@ -355,6 +358,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     if not cfg.log_samples:
         shutil.rmtree(cfg.output / "samples", ignore_errors=True)
     return results
+
+
+def graphable(preset: str, family: str) -> bool:
+    """Whether every method of ``preset`` may decode from a CUDA graph (``Method.graphable``)."""
+    from mmeff.config import lookup
+    from mmeff.presets import resolve
+
+    return all(lookup(c.method)[1].graphable for c in resolve(preset, family, {}))
 
 
 __all__ = ["EvalConfig", "ResumeError", "log_path", "parse_presets", "read_log", "run_eval"]

@@ -151,6 +151,8 @@ class BenchRow:
     visual_tokens_in: float
     visual_tokens_kept: float
     ideal_prefill_ms: float
+    generate_ms: float = 0.0  # one whole generate call of new_tokens tokens (what a user waits for)
+    cuda_graphs: bool = False
     speedup: float = 1.0
     ideal_speedup: float = 1.0
     kv_visual_ratio: float = 1.0
@@ -164,9 +166,15 @@ def _median(xs: list[float]) -> float:
 @torch.no_grad()
 def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: int = 1,
           image_size: tuple[int, int] | None = None, new_tokens: int = 32, repeats: int = 5, warmup: int = 2,
+          cuda_graphs: tuple[bool, ...] = (False,),
           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure each preset (``none`` always first) on the same synthesised inputs; see the module doc."""
+    """Measure each preset (``none`` always first) on the same synthesised inputs; see the module doc.
+
+    ``cuda_graphs``: decode modes to measure each preset in — eager hooked steps (False) and/or static steps
+    replayed from CUDA graphs (True, :mod:`mmeff.static_decode`); ratios are against ``none`` in the first
+    mode measured (eager, when both are)."""
     presets = ["none", *[p for p in presets if p != "none"]]
+    modes = sorted(set(cuda_graphs))
     device = next(model.parameters()).device
     timer = _Timer(device)
     adapter = adapter_for(model)
@@ -194,8 +202,8 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
     for _ in range(warmup):
         vision()
     vision_t = _median([timer(vision)[0] for _ in range(repeats)])
-    def measure(preset: str) -> BenchRow:
-        handle = mmeff.wrap(model, preset)
+    def measure(preset: str, graphs: bool) -> BenchRow:
+        handle = mmeff.wrap(model, preset, cuda_graphs=graphs)
         try:
             prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
             gen = lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
@@ -213,10 +221,10 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
             # ZipVL keeps every token but attends among / stores at high bits only the important ones
             extra = {k: v for m in handle.pipeline.methods for k, v in getattr(m, "last_stats", {}).items()
                      if k == "important_ratio"}
-            gen()  # warm the decode path
-            rates = []
+            gen()  # warm the decode path (and capture its graphs)
+            rates, gen_t = [], []
             for _ in range(max(1, repeats // 2)):
-                gen()
+                gen_t.append(timer(gen)[0])
                 s = handle.stats  # decode steps timed by the pipeline (model forward per step, synchronised)
                 rates.append(batch_size * s["decode_tokens"] / max(s["decode_ms"], 1e-6) * 1e3)
         finally:
@@ -232,20 +240,22 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
             kv_cache_bytes=stats["kv_cache_bytes"],
             kv_visual_bytes=batch_size * sum(per_layer) * kv_token_layer_bytes,
             visual_tokens_in=n_in, visual_tokens_kept=stats["visual_tokens_kept"], ideal_prefill_ms=ideal,
-            extra=extra,
+            generate_ms=_median(gen_t), cuda_graphs=graphs, extra=extra,
         )
 
     rows: list[BenchRow] = []
     errors: dict[str, str] = {}
-    for preset in presets:
-        if progress:
-            progress(preset)
-        try:
-            rows.append(measure(preset))
-        except Exception as e:  # one failing preset must not lose the others' measurements
-            if preset == "none":
-                raise
-            errors[preset] = f"{type(e).__name__}: {e}"
+    for graphs in modes:
+        for preset in presets:
+            name = preset + (" [graphs]" if graphs else "")
+            if progress:
+                progress(name)
+            try:
+                rows.append(measure(preset, graphs))
+            except Exception as e:  # one failing preset must not lose the others' measurements
+                if preset == "none" and not graphs:
+                    raise
+                errors[name] = f"{type(e).__name__}: {e}"
     base = rows[0]
     for r in rows:
         r.speedup = base.prefill_ms / r.prefill_ms
@@ -271,18 +281,19 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{result['sequence_length']} tokens, {result['new_tokens']} new tokens, median of {result['repeats']}",
         "",
         "| preset | visual kept | vision ms | prefill ms | ideal ms | speed-up | ideal | decode tok/s | peak mem GiB "
-        "| KV MiB | visual KV vs none |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KV MiB | visual KV vs none | generate ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "–"
         imp = r.get("extra", {}).get("important_ratio")
         name = r["preset"] + (f" ({100 * imp:.0f}% important)" if imp is not None else "")
+        name += " [graphs]" if r.get("cuda_graphs") else ""
         lines.append(
             f"| {name} | {r['visual_tokens_kept']:.0f}/{r['visual_tokens_in']:.0f} | {r['vision_ms']:.1f} "
             f"| {r['prefill_ms']:.1f} | {r['ideal_prefill_ms']:.1f} | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× "
             f"| {r['decode_tokens_per_s']:.1f} | {peak} | {r['kv_cache_bytes'] / 2**20:.1f} "
-            f"| {100 * r['kv_visual_ratio']:.1f}% |"
+            f"| {100 * r['kv_visual_ratio']:.1f}% | {r.get('generate_ms', 0.0):.1f} |"
         )
     lines += [f"\n**{p} failed**: {e}" for p, e in result.get("errors", {}).items()]
     return "\n".join(lines) + "\n"
@@ -297,7 +308,9 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for res in results:
-        rows = sorted(res["rows"], key=lambda r: r["visual_tokens_kept"])
+        first = res["rows"][0].get("cuda_graphs", False)  # one point per preset: the first decode mode's rows
+        rows = sorted((r for r in res["rows"] if r.get("cuda_graphs", False) == first),
+                      key=lambda r: r["visual_tokens_kept"])
         x = [r["visual_tokens_kept"] / r["visual_tokens_in"] for r in rows]
         label = f"{res['model']} b{res['batch_size']}"
         a.plot(x, [r["speedup"] for r in rows], "o-", label=f"{label} measured")

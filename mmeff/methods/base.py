@@ -46,6 +46,9 @@ class Method:
     points: ClassVar[frozenset[Point]] = frozenset()
     conflicts: ClassVar[frozenset[str]] = frozenset()  # names of methods this one cannot run with
     families: ClassVar[tuple[str, ...] | None] = None  # None: every family
+    # decode steps are plain attention over the kept slots (no hooks, extra forwards or own cache), so
+    # ``cuda_graphs`` may replay them from a CUDA graph (mmeff.static_decode)
+    graphable: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, adapter: Adapter) -> None:
         self.config = config

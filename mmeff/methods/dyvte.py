@@ -99,6 +99,7 @@ def load_routers(path: str, hidden_size: int, num_layers: int) -> DyVTERouters:
 
 class DyVTE(Method):
     points = frozenset({Point.LAYER})
+    graphable = True
 
     config: DyVTEConfig
 

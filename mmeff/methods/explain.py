@@ -141,6 +141,7 @@ class _Probe:
 
 class Explain(Method):
     points = frozenset({Point.INPUT})
+    graphable = True
 
     config: ExplainConfig
 

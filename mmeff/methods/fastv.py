@@ -67,6 +67,7 @@ class _Collect:
 
 class FastV(Method):
     points = frozenset({Point.LAYER})
+    graphable = True
 
     config: FastVConfig
 

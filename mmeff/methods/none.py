@@ -14,7 +14,7 @@ class NoneConfig(MethodConfig):
 
 
 class NoneMethod(Method):
-    pass
+    graphable = True
 
 
 register_method(NoneConfig, NoneMethod)

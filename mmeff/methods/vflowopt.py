@@ -185,6 +185,7 @@ def merge_cells(x: torch.Tensor, scores: torch.Tensor, rep: torch.Tensor) -> tor
 
 class VFlowOpt(Method):
     points = frozenset({Point.INPUT, Point.LAYER})
+    graphable = True
 
     config: VFlowOptConfig
 

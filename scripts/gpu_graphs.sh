@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One GPU call (issue 10): static decode + CUDA graphs (mmeff/static_decode.py). The GPU tests (captured graph =
+# the static step = the eager hooked decode), a decode-step breakdown, then `mmeff bench --cuda-graphs both`:
+# every preset with eager decode steps and with graph replay, ratios against eager `none` from the same run.
+# Results: $OUT/graphs.tgz.
+#   run: bash scripts/gpu_graphs.sh   (env: STEPS="tests step llava1 qwen1 next1 llava16 long" NEW_TOKENS=64)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+R=out/graphs; mkdir -p $R
+trap 'tar czf "${OUT:-/tmp/out}/graphs.tgz" -C out graphs' EXIT
+bench() {  # name, model, batch, extra args
+  python3 -m mmeff.cli bench --model $2 --batch-size $3 --repeats 3 --warmup 1 --new-tokens ${NEW_TOKENS:-64} \
+    --cuda-graphs both --output $R/$1 "${@:4}" > $R/$1.log 2>&1
+  cat $R/$1/bench.md 2>/dev/null || tail -20 $R/$1.log
+}
+for step in ${STEPS:-tests step llava1 qwen1 next1 llava16 long}; do
+  case $step in
+    tests) python3 -m pytest -q -m gpu tests/test_static_decode.py 2>&1 | tail -15 ;;
+    gputests) python3 -m pytest -q -m gpu tests/test_attention_stats.py tests/test_static_decode.py \
+              tests/test_vflowopt_kernel.py tests/test_zipvl_kernels.py 2>&1 | tail -15 ;;
+    step) for b in 1 16; do OUT=$R python3 benchmarks/decode_step.py --preset none,fastv-90,vflowopt-90 --batch-size $b; done ;;
+    llava1) bench llava1 llava-1.5-7b 1 --preset fastv,fastv-90,vflowopt-90 ;;
+    qwen1) bench qwen1 qwen2-vl-7b 1 --preset fastv,vflowopt-90 ;;
+    next1) bench next1 llava-next-7b 1 --preset fastv,vflowopt-90 ;;
+    llava16) bench llava16 llava-1.5-7b 16 --preset fastv,vflowopt-90 ;;
+    long) NEW_TOKENS=512 bench long llava-1.5-7b 1 --preset vflowopt-90 ;;  # the buffers grow once (256 -> 512 decode columns)
+  esac
+done
