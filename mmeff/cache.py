@@ -71,10 +71,6 @@ class SlotLayer(DynamicLayer):
         values[:, :, :stored] = self.values[:, :, :stored]
         self.keys, self.values, self.filled = keys, values, stored
 
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
-
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:

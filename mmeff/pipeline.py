@@ -90,8 +90,9 @@ class Pipeline:
         """Run single-token decode steps over static KV buffers (:mod:`mmeff.static_decode`), replayed from a
         CUDA graph when ``capture`` (``capture=False``: the same static step, eagerly — the CPU reference)."""
         if self.static is None:
-            self.static = StaticDecoder(self, capture, reserve)
-            self.static.attach()
+            static = StaticDecoder(self, capture, reserve)
+            static.attach()  # refuses methods that are not graphable
+            self.static = static
 
     def add_hook(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)

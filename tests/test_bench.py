@@ -37,6 +37,8 @@ def test_bench_cli_on_cpu(tmp_path):
     errors = data[1]["errors"]
     assert sorted(errors) == ["fastv [graphs]", "none [graphs]"]
     assert all("one CUDA device" in e for e in errors.values())
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-llava", "--device", "cpu", "--cuda-graphs", "on"])
+    assert result.exit_code == 2 and "needs --device cuda" in result.output
     assert (out / "bench.png").stat().st_size > 0 and "| fastv |" in (out / "bench.md").read_text()
 
 

@@ -87,8 +87,10 @@ def test_refusals_and_unwrap(tiny_model_dir):
         mmeff.wrap(model, "fastv", cuda_graphs=True)  # CPU model
     assert mmeff.handle_of(model) is None
     for preset, name in (("pai", "pai"), ("zipvl", "zipvl"), ("vcd", "vcd")):
-        with mmeff.wrap(model, preset) as handle, pytest.raises(MmeffError, match=name):
-            handle.pipeline.enable_static_decode(capture=False)
+        with mmeff.wrap(model, preset) as handle:
+            with pytest.raises(MmeffError, match=name):
+                handle.pipeline.enable_static_decode(capture=False)
+            assert handle.pipeline.static is None and "forward" not in vars(lm)
     with mmeff.wrap(model, "fastv") as handle:
         handle.pipeline.enable_static_decode(capture=False)
         assert "forward" in vars(lm)

@@ -39,6 +39,8 @@ def bench(
     modes = {"off": (False,), "on": (True,), "both": (False, True)}
     if cuda_graphs not in modes:
         raise typer.BadParameter(f"--cuda-graphs must be one of {', '.join(modes)}, got {cuda_graphs!r}")
+    if cuda_graphs == "on" and device != "cuda":  # (with 'both', the graph rows are reported as errors)
+        raise typer.BadParameter("--cuda-graphs on needs --device cuda")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     if model in speed.architectures():
         console.print(f"[bold]{model}[/]: full-size architecture with [red]random weights[/] (timing only)")
