@@ -113,27 +113,15 @@ def _merge_kernel(
     q = tl.load(q_ptr + row * D + d).to(tl.float32) * scaling
     kb = kb_ptr + b * kb_sb + hk * kb_sh
     vb = vb_ptr + b * vb_sb + hk * vb_sh
+    bias = bias_ptr + b * bias_stride
     m = tl.full([], float("-inf"), tl.float32)
     l_sum = tl.zeros([], tl.float32)
     for s0 in range(0, S, BLOCK_S):  # pass 1: the running max and sum
         i = s0 + tl.arange(0, BLOCK_S)
-        x = tl.load(lse_ptr + row * S + i, mask=i < S, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_sum = l_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
-        m = m_new
+        m, l_sum = _online(m, l_sum, tl.load(lse_ptr + row * S + i, mask=i < S, other=float("-inf")))
     for t0 in range(0, NB, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        ok = t < NB
-        k = tl.load(kb + t[:, None] * kb_st + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        x = tl.sum(q[None, :] * k, axis=1)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + b * bias_stride + t, mask=ok, other=0.0)
-        x = tl.where(ok, x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_sum = l_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
-        m = m_new
+        m, l_sum = _online(m, l_sum, _buffer_scores(q, kb, kb_st, bias, t, NB, d, HAS_BIAS))
     total = m + tl.log(l_sum)
     acc = tl.zeros([D], tl.float32)
     for s0 in range(0, S, BLOCK_S):  # pass 2: the weighted sum
@@ -144,15 +132,30 @@ def _merge_kernel(
     for t0 in range(0, NB, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         ok = t < NB
-        k = tl.load(kb + t[:, None] * kb_st + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        x = tl.sum(q[None, :] * k, axis=1)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + b * bias_stride + t, mask=ok, other=0.0)
-        p = tl.where(ok, tl.exp(x - total), 0.0)
+        p = tl.where(ok, tl.exp(_buffer_scores(q, kb, kb_st, bias, t, NB, d, HAS_BIAS) - total), 0.0)
         v = tl.load(vb + t[:, None] * vb_st + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         acc += tl.sum(p[:, None] * v, axis=0)
         tl.store(probs_ptr + row * NB + t, p, mask=ok)
     tl.store(res_ptr + row * D + d, acc.to(res_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _online(m, l_sum, x):
+    """One step of the running (max, sum of exp) over the scores ``x`` (-inf entries count for nothing)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+
+
+@triton.jit
+def _buffer_scores(q, kb, kb_st, bias, t, NB, d, HAS_BIAS: tl.constexpr):
+    """Scores of the buffered tokens ``t`` (scaled query · key, + bias); -inf past the buffer's end."""
+    ok = t < NB
+    k = tl.load(kb + t[:, None] * kb_st + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    x = tl.sum(q[None, :] * k, axis=1)
+    if HAS_BIAS:
+        x += tl.load(bias + t, mask=ok, other=0.0)
+    return tl.where(ok, x, float("-inf"))
 
 
 @functools.cache
