@@ -3,8 +3,9 @@
 At batch 1 a 7B decoder's decode step is bound by the host: ~1,000 kernel launches and the Python around them
 take far longer than reading the 13.5 GB of weights. After the prefill, every :class:`~mmeff.cache.SlotLayer`
 moves its slots into a buffer with spare columns (:meth:`~mmeff.cache.SlotLayer.reserve`), and the decoder's
-single-token step — rotary embeddings, every layer, the final norm — is captured once and then replayed: the
-host launches one graph per token.
+single-token step — rotary embeddings, every layer, the final norm — runs eagerly for two steps (on a side
+stream: the warm-up a capture needs, so a short answer never pays for one), is captured once and then replayed:
+the host launches one graph per token.
 
 The replayed step computes what the hooked eager step computes, in the same coordinates. Layer ``l`` of group
 ``g`` attends to its prompt slots (the tokens its group kept, minus padding) followed by the decoded tokens so
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 RESERVE = 256  # spare columns of the first buffers (doubled whenever they fill up)
-WARMUP = 2  # eager runs on a side stream before a capture (library handles, autotuning)
+WARMUP = 2  # real steps run eagerly on a side stream before the first capture (library handles, autotuning)
 
 
 class StaticDecoder:
@@ -154,6 +155,9 @@ class _Run:
         if old is not None:
             self.decoded_valid[:, : old.shape[1]] = old
         self.extra = extra
+        # steps still to run eagerly before capturing: short answers (POPE's yes/no) never pay for a capture;
+        # after a growth the kernels are warm, but the new buffers get one eager step too
+        self.warm = WARMUP if old is None else 1
         self.step_index = torch.zeros(1, dtype=torch.long, device=ref.device)
         self.embeds: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
@@ -182,12 +186,16 @@ class _Run:
             self.decoded_valid[:, : t + 1] = True
         else:
             self.decoded_valid[:, : t + 1] = mask[:, st.n_prompt :].bool()
+        if self.capture and self.graph is None:
+            if self.warm > 0:
+                self.warm -= 1
+                out = self._on_side_stream()
+            else:
+                self._capture()
         if self.graph is not None:
             self.graph.replay()
             out = self.out.clone()
-        elif self.capture:
-            out = self._capture()
-        else:
+        elif not self.capture:
             out = self._forward()
         for layer in self.cache.layers:
             layer.filled += 1
@@ -232,20 +240,22 @@ class _Run:
                 hidden = hidden[0]
         return self.lm.norm(hidden)
 
-    def _capture(self) -> torch.Tensor:
-        """Run the step eagerly on a side stream (its result is this step's), then capture it for replay."""
+    def _on_side_stream(self) -> torch.Tensor:
+        """The step, eagerly, on a side stream (how CUDA graphs want their warm-up runs)."""
         device = self.embeds.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP):  # each run writes the same key/value into the same column
-                out = self._forward()
+            out = self._forward()
         torch.cuda.current_stream(device).wait_stream(side)
+        return out
+
+    def _capture(self) -> None:
+        """Record the step into a graph (nothing runs: the caller replays it for this step's result)."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.out = self._forward()
         self.graph = graph
-        return out
 
 
 def check_device(model: torch.nn.Module) -> None:
