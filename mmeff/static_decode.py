@@ -120,9 +120,10 @@ class _Run:
         self.mrope = p.adapter.family.startswith("qwen")
         self.base = p.adapter.text_config._attn_implementation.removeprefix(attention.PREFIX)
         self.cache_kw = cache_kwarg(type(self.layers[0]).forward)
-        for i in range(len(self.layers)):
-            if any(m.attention_hooks(i, state) or m.overrides("head_scale") for m in p.methods):
-                raise MmeffError(f"cuda_graphs: a method hooks decoder layer {i} at decode; it is not graphable")
+        hooked = [m.name for m in p.methods if m.overrides("head_scale")
+                  or any(m.attention_hooks(i, state) for i in range(len(self.layers)))]
+        if hooked:  # Method.graphable promised otherwise
+            raise MmeffError(f"cuda_graphs: {hooked} hook the decoder layers at decode; they are not graphable")
         pad = state.attention_mask
         # per layer: its group; per group (a few, shared by many layers): prompt slot count and validity
         self.group_of: list[int] = []
@@ -186,16 +187,15 @@ class _Run:
             self.decoded_valid[:, : t + 1] = True
         else:
             self.decoded_valid[:, : t + 1] = mask[:, st.n_prompt :].bool()
-        if self.capture and self.graph is None:
-            if self.warm > 0:
-                self.warm -= 1
-                out = self._on_side_stream()
-            else:
-                self._capture()
+        if self.capture and self.graph is None and self.warm == 0:
+            self._capture()
         if self.graph is not None:
             self.graph.replay()
             out = self.out.clone()
-        elif not self.capture:
+        elif self.capture:
+            self.warm -= 1
+            out = self._on_side_stream()
+        else:
             out = self._forward()
         for layer in self.cache.layers:
             layer.filled += 1
@@ -220,8 +220,8 @@ class _Run:
         for key, valid in self.prompt_valid.items():
             cols = torch.cat([valid, self.decoded_valid], 1)[:, None, None, :]
             if self.base != "sdpa":  # eager attention adds the mask
-                dtype = self.embeds.dtype
-                cols = torch.zeros((), dtype=dtype, device=cols.device).masked_fill(~cols, torch.finfo(dtype).min)
+                additive = torch.zeros(cols.shape, dtype=self.embeds.dtype, device=cols.device)
+                cols = additive.masked_fill_(~cols, torch.finfo(additive.dtype).min)
             masks[key] = cols
         slot = {key: self.step_index + n for key, n in self.slots.items()}
         cos_sin = self.lm.rotary_emb(self.embeds, self.positions)
