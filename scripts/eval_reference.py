@@ -57,6 +57,25 @@ def _seed(image_name: str) -> int:
     return int(Path(image_name).stem.split("_")[-1])
 
 
+def attention_ratio(model_dir: str | Path, bench: Path, *, device: str, n_attention: int) -> dict[str, object]:
+    """Mean attention of the last prompt token to the asked object's visual tokens over its mean over all visual
+    tokens (``object_attention_ratio``), on the first ``n_attention`` "yes" questions of POPE random."""
+    eager, processor = load_reference(model_dir, device=device, attn_implementation="eager")
+    arch = "llava" if eager.config.model_type == "llava" else "qwen2vl"
+    pos = [q for q in load_questions(bench / "pope" / "coco_pope_random.json") if q.label == "yes"][:n_attention]
+    ratios, layers = [], []
+    for q in pos:
+        obj = q.text[len("Is there "):-len(" in the image?")].split(" ", 1)[1]
+        scene = make_scene(_seed(q.image))
+        image = Image.open(bench / "images" / q.image).convert("RGB")
+        r, per_layer = object_attention_ratio(eager, processor, arch, image, scene.objects_of(obj),
+                                              q.text + POPE_SUFFIX)
+        ratios.append(r)
+        layers.append(per_layer)
+    return {"attention_ratio": sum(ratios) / len(ratios),
+            "attention_ratio_per_layer": [round(sum(x) / len(x), 3) for x in zip(*layers)]}
+
+
 def evaluate(model_dir: str | Path, bench: Path, *, device: str, limit: int | None, batch_size: int,
              n_attention: int, chair_limit: int | None = None) -> dict[str, object]:
     model, processor = load_reference(model_dir, device=device)
@@ -89,19 +108,7 @@ def evaluate(model_dir: str | Path, bench: Path, *, device: str, limit: int | No
     res["mme"]["total"] = round(sum(res["mme"].values()), 2)  # type: ignore[index, union-attr]
     res["gen_seconds"] = round(time.time() - t0, 1)
     del model
-    eager, processor = load_reference(model_dir, device=device, attn_implementation="eager")
-    pos = [q for q in load_questions(bench / "pope" / "coco_pope_random.json") if q.label == "yes"][:n_attention]
-    ratios, layers = [], []
-    for q in pos:
-        obj = q.text[len("Is there "):-len(" in the image?")].split(" ", 1)[1]
-        scene = make_scene(_seed(q.image))
-        image = Image.open(bench / "images" / q.image).convert("RGB")
-        r, per_layer = object_attention_ratio(eager, processor, arch, image, scene.objects_of(obj),
-                                              q.text + POPE_SUFFIX)
-        ratios.append(r)
-        layers.append(per_layer)
-    res["attention_ratio"] = sum(ratios) / len(ratios)
-    res["attention_ratio_per_layer"] = [round(sum(x) / len(x), 3) for x in zip(*layers)]
+    res.update(attention_ratio(model_dir, bench, device=device, n_attention=n_attention))
     return res
 
 
@@ -129,12 +136,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chair-limit", type=int, help="captions to generate (default: --limit)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--attention-samples", type=int, default=50)
+    ap.add_argument("--attention-only", action="store_true", help="only the attention ratio (no generation)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     bench = Path(args.bench) if args.bench else ensure_benchmarks()
-    res = evaluate(args.model, bench, device=args.device, limit=args.limit, batch_size=args.batch_size,
-                   n_attention=args.attention_samples, chair_limit=args.chair_limit)
-    print(table(res), flush=True)
+    if args.attention_only:
+        res = attention_ratio(args.model, bench, device=args.device, n_attention=args.attention_samples)
+        print(json.dumps(res), flush=True)
+    else:
+        res = evaluate(args.model, bench, device=args.device, limit=args.limit, batch_size=args.batch_size,
+                       n_attention=args.attention_samples, chair_limit=args.chair_limit)
+        print(table(res), flush=True)
     if args.json:
         tmp = Path(args.json + ".tmp")
         tmp.write_text(json.dumps(res, indent=1))

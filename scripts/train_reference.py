@@ -11,6 +11,7 @@ commands; each command stops before its --minutes wall budget, writes a checkpoi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--init-from", default="", help="start from this saved model folder (fresh optimiser)")
+    ap.add_argument("--init-skip", default="", help="regex of --init-from parameters to re-initialise")
+    ap.add_argument("--text-config", default="",
+                    help='decoder size overrides as JSON, e.g. \'{"num_hidden_layers": 12}\'')
     ap.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary per-token category loss")
     ap.add_argument("--aux-minutes", type=float, default=0.0, help="train with it for this long (0: always)")
     args = ap.parse_args(argv)
@@ -50,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(arch=args.arch, data_dir=args.data, out_dir=args.out or f"out/{args.arch}",
                       minutes=args.minutes, total_minutes=args.total_minutes, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
-                      init_from=args.init_from, aux_weight=args.aux_weight, aux_minutes=args.aux_minutes)
+                      init_from=args.init_from, init_skip=args.init_skip,
+                      text_overrides=json.loads(args.text_config) if args.text_config else {},
+                      aux_weight=args.aux_weight, aux_minutes=args.aux_minutes)
     train(cfg, resume=args.resume)
 
 

@@ -177,3 +177,22 @@ def test_qwen_training_speedups_equal_stock_forward(tmp_path) -> None:
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(out.logits[valid], ref.logits[valid], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out.loss, ref.loss, atol=2e-6, rtol=1e-5)
+
+
+def test_resized_model_starts_from_shipped_weights_except_skipped() -> None:
+    """init_from copies every parameter not named by ``skip`` (shapes must fit) and leaves the skipped ones."""
+    from mmeff.reference.model import build_model
+    from mmeff.reference.training import init_from
+
+    deep, _ = build_model("llava", text_overrides={"num_hidden_layers": 8, "num_key_value_heads": 2,
+                                                   "intermediate_size": 352})
+    assert deep.config.text_config.num_hidden_layers == 8 and deep.config.text_config.num_key_value_heads == 2
+    fresh = {k: v.clone() for k, v in deep.state_dict().items()}
+    with pytest.raises(ValueError, match="do not fit the model"):
+        init_from(deep, reference_dir("llava"))  # 6-layer MLPs of width 704 do not fit
+    init_from(deep, reference_dir("llava"), r"language_model\.layers\.")
+    shipped = load_reference(arch="llava")[0].state_dict()
+    got = deep.state_dict()
+    copied = [k for k in shipped if "language_model.layers." not in k]
+    assert len(copied) > 50 and all(torch.equal(got[k], shipped[k]) for k in copied)
+    assert all(torch.equal(got[k], fresh[k]) for k in got if "language_model.layers." in k)

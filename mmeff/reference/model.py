@@ -192,18 +192,20 @@ def build_processor(arch: str, tokenizer: PreTrainedTokenizerFast) -> ProcessorM
     return Qwen2VLProcessorNoVideo(image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
 
 
-def _config(arch: str, tok: PreTrainedTokenizerFast) -> LlavaConfig | Qwen2VLConfig:
+def _config(arch: str, tok: PreTrainedTokenizerFast, text_overrides: dict | None = None
+            ) -> LlavaConfig | Qwen2VLConfig:
     ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    sizes = {**_TEXT, **(text_overrides or {})}
     if arch == "llava":
-        text = {"model_type": "llama", "vocab_size": len(tok), "bos_token_id": tok.bos_token_id, **ids, **_TEXT}
+        text = {"model_type": "llama", "vocab_size": len(tok), "bos_token_id": tok.bos_token_id, **ids, **sizes}
         # Layer -1 (not LLaVA-1.5's -2): with 4 vision layers a skipped last layer would be dead weight.
         return LlavaConfig(text_config=text, vision_config=dict(_CLIP), image_token_id=tok.convert_tokens_to_ids(
             "<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1,
             projector_hidden_act="gelu", image_seq_length=NUM_VISUAL_TOKENS, tie_word_embeddings=False, **ids)
     text = {"model_type": "qwen2_vl_text", "vocab_size": len(tok), "bos_token_id": tok.pad_token_id, **ids,
-            **_TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+            **sizes, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                          "mrope_section": _MROPE_SECTION}}
-    vision = {**_QWEN_VISION, "hidden_size": _TEXT["hidden_size"]}
+    vision = {**_QWEN_VISION, "hidden_size": sizes["hidden_size"]}
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
                          image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
                          video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
@@ -216,12 +218,14 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
 _MODEL_TYPES = {"llava": "llava", "qwen2_vl": "qwen2vl"}
 
 
-def build_model(arch: str, *, seed: int = 0, n_scenes: int = 3000) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A freshly initialised reference model (fp32) and its processor."""
+def build_model(arch: str, *, seed: int = 0, n_scenes: int = 3000, text_overrides: dict | None = None
+                ) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A freshly initialised reference model (fp32) and its processor; ``text_overrides`` changes decoder sizes
+    (e.g. ``{"num_hidden_layers": 12}``) for experiments."""
     tokenizer = build_tokenizer(arch, n_scenes)
     processor = build_processor(arch, tokenizer)
     torch.manual_seed(seed)
-    model = _MODEL_CLASSES[arch](_config(arch, tokenizer))
+    model = _MODEL_CLASSES[arch](_config(arch, tokenizer, text_overrides))
     model.generation_config = GenerationConfig(
         do_sample=False, max_new_tokens=128, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -246,6 +247,8 @@ class TrainConfig:
     log_every: int = 25
     device: str = "cuda"
     init_from: str = ""  # a saved model folder to start from (continue training with a fresh optimiser)
+    init_skip: str = ""  # regex: parameters of init_from NOT copied (e.g. the decoder layers of a resized model)
+    text_overrides: dict[str, object] = field(default_factory=dict)  # decoder sizes (build_model)
     # auxiliary vision loss: per visual token, predict the category under it (patch_labels) from the projected
     # features through a throw-away linear head, weighted ``aux_weight`` for the first ``aux_minutes`` of training
     aux_weight: float = 0.0
@@ -379,6 +382,21 @@ class _AuxVisionLoss:
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
+def init_from(model: torch.nn.Module, folder: str | Path, skip: str = "") -> None:
+    """Copy the parameters of a saved model into ``model``: every one not matching the ``skip`` regex must exist
+    with the same shape (a resized model names what it re-initialises in ``skip``)."""
+    src = type(model).from_pretrained(folder, dtype=torch.float32).state_dict()
+    dst = model.state_dict()
+    pattern = re.compile(skip) if skip else None
+    keep = {k: v for k, v in src.items() if not (pattern and pattern.search(k))}
+    bad = [k for k, v in keep.items() if k not in dst or dst[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{folder}: {len(bad)} parameters do not fit the model (first: {bad[0]}); "
+                         "name them in init_skip to re-initialise them")
+    model.load_state_dict(keep, strict=False)
+    print(f"initialised {len(keep)} of {len(dst)} tensors from {folder}", flush=True)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     """Train (or resume) one reference model; writes ``out_dir/{checkpoint.pt,train_log.jsonl,model/}``."""
     t_start = time.time()
@@ -386,9 +404,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
     torch.manual_seed(cfg.seed)
-    model, processor = build_model(cfg.arch, seed=cfg.seed)
+    model, processor = build_model(cfg.arch, seed=cfg.seed, text_overrides=cfg.text_overrides or None)
     if cfg.init_from and not (resume and ckpt_path.is_file()):
-        model = type(model).from_pretrained(cfg.init_from, dtype=torch.float32)
+        init_from(model, cfg.init_from, cfg.init_skip)
     data = Path(cfg.data_dir)
     images = torch.from_numpy(np.load(data / "images.npy")).to(cfg.device)
     ex = encode_examples(cfg.arch, processor.tokenizer, json.loads((data / "texts.json").read_text()))
