@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# DyVTE exit threshold on the 12-layer reference (CPU or GPU: DEVICE=cpu): sweep on the DEV benchmark (held-out seeds from
+# DyVTE exit threshold on the 12-layer reference (CPU or GPU): sweep on the DEV benchmark (held-out seeds from
 # HELDOUT_SEED_BASE + 10^8) and the same presets on the TEST benchmark; the threshold is chosen from dev alone.
-#   bash scripts/gpu_dyvte_sweep.sh   (needs .carry/llava12/model and .carry/heads12/dyvte.safetensors)
+#   DEVICE=cpu bash scripts/dyvte_sweep.sh   (11 min on 2 CPU cores)
+# needs .carry/llava12/model (scripts/gpu_deep.sh train) and .carry/heads12/dyvte.safetensors (... heads)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 source scripts/gpu_wheels.sh
