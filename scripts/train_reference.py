@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=40000, help="training scenes to render (--prepare)")
     ap.add_argument("--draws", type=int, default=2, help="question sets drawn per scene (--prepare)")
     ap.add_argument("--workers", type=int, default=16, help="rendering processes (--prepare)")
+    ap.add_argument("--p-halluc", type=float, default=0.15,
+                    help="share of detailed captions naming an absent co-occurring object (--prepare)")
+    ap.add_argument("--balanced-sides", action="store_true",
+                    help="yes/no side questions true half of the time (--prepare)")
+    ap.add_argument("--inline-halluc", action="store_true",
+                    help="word hallucinated caption mentions like drawn objects (--prepare)")
     ap.add_argument("--data", default="out/data", help="rendered data folder")
     ap.add_argument("--arch", choices=ARCHS)
     ap.add_argument("--out", help="output folder (default out/<arch>)")
@@ -46,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--aux-minutes", type=float, default=0.0, help="train with it for this long (0: always)")
     args = ap.parse_args(argv)
     if args.prepare:
-        prepare_data(args.data, args.images, draws=args.draws, workers=args.workers)
+        prepare_data(args.data, args.images, draws=args.draws, workers=args.workers, p_halluc=args.p_halluc,
+                     balanced_sides=args.balanced_sides, inline_halluc=args.inline_halluc)
         print(f"data ready in {args.data}")
         return
     if args.arch is None:

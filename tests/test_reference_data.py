@@ -15,7 +15,17 @@ import pytest
 from mmeff.reference import scenes as sc
 from mmeff.reference import synthetic as syn
 from mmeff.reference.text import detailed_caption, training_examples
-from mmeff.reference.vocab import CATEGORIES, COCO_NAMES, GLYPHS, GROUP_OF, GROUPS, SHAPES_BY_GROUP, plural
+from mmeff.reference.vocab import (
+    CATEGORIES,
+    COCO_NAMES,
+    COLORS,
+    GLYPHS,
+    GROUP_OF,
+    GROUPS,
+    NUMBER_WORDS,
+    SHAPES_BY_GROUP,
+    plural,
+)
 
 SHARED = Path(os.environ.get("MMEFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SMALL = {"n_pope_images": 16, "n_chair_images": 8, "n_mme_images": 4}
@@ -147,6 +157,45 @@ def test_training_captions_mention_everything_and_hallucinate_at_rate() -> None:
         assert "nearby" not in detailed_caption(s)
     assert 0.11 < halluc / n < 0.19
     assert all("nearby" not in training_examples(sc.make_scene(i), rng, p_halluc=0.0)[0][1] for i in range(200))
+
+
+def test_inline_hallucinations_read_like_drawn_objects() -> None:
+    rng = np.random.default_rng(2)
+    n, halluc = 1500, 0
+    for seed in range(n):
+        s = sc.make_scene(seed)
+        caption = training_examples(s, rng, p_halluc=0.3, inline_halluc=True)[0][1]
+        true_head, *true_rest = re.split(r"(?<=\.) ", detailed_caption(s))
+        head, *rest = re.split(r"(?<=\.) ", caption)
+        extra = [x for x in rest if x not in true_rest]
+        assert [x for x in rest if x in true_rest] == true_rest, (seed, caption)  # drawn objects all there, in order
+        assert len(extra) <= 1 and "nearby" not in caption
+        assert head == true_head.replace(f" {NUMBER_WORDS[len(s.objects)]} ",
+                                         f" {NUMBER_WORDS[len(s.objects) + len(extra)]} ").replace(
+            " object ", " objects " if extra else " object ")
+        if extra:
+            halluc += 1
+            m = re.fullmatch(r"An? (\w+) (.+) is (?:in the center|on the (?:left|right) side|at the (?:top|bottom)|"
+                             r"in the (?:top|bottom) (?:left|right) corner)\.", extra[0])
+            assert m and m.group(1) in COLORS and m.group(2) not in s.counts, (seed, extra)
+            assert GROUP_OF[m.group(2)] in s.groups
+    assert 0.25 < halluc / n < 0.35
+
+
+def test_balanced_side_questions() -> None:
+    rng = np.random.default_rng(3)
+    answers = {False: [], True: []}
+    for balanced in (False, True):
+        for seed in range(1500):
+            s = sc.make_scene(seed)
+            for q, a in training_examples(s, rng, balanced_sides=balanced):
+                m = re.match(r"Is the (.+) (?:on the (left|right) side|at the (top|bottom)) of the image\?", q)
+                if m:
+                    o = s.objects_of(m.group(1))[0]
+                    assert (a == "Yes") == ((m.group(2) or m.group(3)) in o.position), (seed, q, a)
+                    answers[balanced].append(a == "Yes")
+    assert np.mean(answers[False]) < 0.35  # a uniformly random side is mostly false
+    assert 0.35 < np.mean(answers[True]) < 0.5  # objects in the central cell have no true side: "No"
 
 
 # ---------------------------------------------------------------- benchmarks

@@ -203,8 +203,8 @@ def _config(arch: str, tok: PreTrainedTokenizerFast, text_overrides: dict | None
             "<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1,
             projector_hidden_act="gelu", image_seq_length=NUM_VISUAL_TOKENS, tie_word_embeddings=False, **ids)
     text = {"model_type": "qwen2_vl_text", "vocab_size": len(tok), "bos_token_id": tok.pad_token_id, **ids,
-            **sizes, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                         "mrope_section": _MROPE_SECTION}}
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _MROPE_SECTION},
+            **sizes}
     vision = {**_QWEN_VISION, "hidden_size": sizes["hidden_size"]}
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
                          image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),

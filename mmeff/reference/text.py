@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .scenes import Scene, SceneObject
-from .vocab import CATEGORIES, COLORS, GROUPS, NUMBER_WORDS, article, plural
+from .vocab import CATEGORIES, COLORS, GROUPS, NUMBER_WORDS, TYPICAL_COLORS, article, plural
 
 __all__ = [
     "CAPTION_PROMPTS",
@@ -33,7 +33,10 @@ SIDE_WORD = {"left": "on the left side", "right": "on the right side", "top": "a
 
 def position_phrase(obj: SceneObject) -> str:
     """'in the top left corner', 'on the right side', 'in the center', ..."""
-    h, v = obj.position
+    return _place_phrase(*obj.position)
+
+
+def _place_phrase(h: str, v: str) -> str:
     if h == "center" and v == "center":
         return "in the center"
     if h == "center":
@@ -63,16 +66,27 @@ def _category_sentence(scene: Scene, category: str) -> str:
     return f"There are {_num(len(objs))} {plural(category)}, {_join(by_color)}."
 
 
-def detailed_caption(scene: Scene, extra: str | None = None) -> str:
-    """Mentions every drawn object with count, colour and position; `extra` adds an (absent) object."""
-    n = len(scene.objects)
+def detailed_caption(scene: Scene, extra: str | None = None, rng: np.random.Generator | None = None) -> str:
+    """Mentions every drawn object with count, colour and position; `extra` adds an (absent) object: a closing
+    "There is also a ... nearby." sentence, or, given `rng`, an ordinary object sentence (typical colour, random
+    place, counted in the first sentence, in left-to-right order), worded exactly like the true ones."""
+    inline = extra is not None and rng is not None
+    n = len(scene.objects) + inline
     head = f"The image shows {_num(n)} {'object' if n == 1 else 'objects'} on a cluttered background."
     # Left-to-right order of each category's first instance reads naturally.
     order = sorted(scene.categories, key=lambda c: min(o.cx for o in scene.objects_of(c)))
-    sentences = [head] + [_category_sentence(scene, c) for c in order]
-    if extra is not None:
+    sentences = [_category_sentence(scene, c) for c in order]
+    if inline:
+        typical = TYPICAL_COLORS[extra]
+        color = typical[int(rng.integers(len(typical)))]
+        h, v = int(rng.integers(3)), int(rng.integers(3))
+        place = _place_phrase(("left", "center", "right")[h], ("top", "center", "bottom")[v])
+        x = (h + 0.5) / 3  # keeps the left-to-right order of the sentences
+        at = sum(min(o.cx for o in scene.objects_of(c)) < x for c in order)
+        sentences.insert(at, f"{article(color).capitalize()} {color} {extra} is {place}.")
+    elif extra is not None:
         sentences.append(f"There is also {article(extra)} {extra} nearby.")
-    return " ".join(sentences)
+    return " ".join([head, *sentences])
 
 
 def short_caption(scene: Scene) -> str:
@@ -91,15 +105,22 @@ def _yes_no(question: str, yes: bool, rng: np.random.Generator) -> tuple[str, st
 
 
 def training_examples(scene: Scene, rng: np.random.Generator, *, p_halluc: float = 0.15,
-                      n_existence: int = 2) -> list[tuple[str, str]]:
+                      n_existence: int = 2, balanced_sides: bool = False, inline_halluc: bool = False
+                      ) -> list[tuple[str, str]]:
     """(question, answer) pairs about `scene`: captions, existence, count, colour and position questions.
 
     Existence negatives are drawn uniformly from ALL absent categories, never biased towards co-occurring
     ones, so the only co-occurrence prior a model can pick up is the one in the images and captions.
+    The yes/no side question asks a uniformly random side by default, which is true for at most half the
+    objects (none in the centre): "No" is the better guess. ``balanced_sides`` asks a true side with
+    probability 1/2 when the object has one, as the MME position pairs (one yes, one no) do.
+    ``inline_halluc`` words a hallucinated mention like a drawn object (:func:`detailed_caption`), so a model
+    cannot tell it from a true one by its wording.
     """
     ex: list[tuple[str, str]] = []
     extra = _co_occurring_absent(scene, rng) if rng.random() < p_halluc else None
-    ex.append((CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))], detailed_caption(scene, extra)))
+    ex.append((CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))],
+               detailed_caption(scene, extra, rng if inline_halluc else None)))
     ex.append((SHORT_PROMPTS[int(rng.integers(len(SHORT_PROMPTS)))], short_caption(scene)))
     present = list(scene.counts)
     absent = [c for c in CATEGORIES if c not in scene.counts]
@@ -123,7 +144,14 @@ def training_examples(scene: Scene, rng: np.random.Generator, *, p_halluc: float
         truth = bool(rng.random() < 0.5)
         ex.append(_yes_no(f"Is the {o.category} {o.color if truth else other}?", truth, rng))
         h, v = o.position
-        side = ("left", "right", "top", "bottom")[int(rng.integers(4))]
+        true_sides = [x for x in (h, v) if x != "center"]
+        if balanced_sides and true_sides and rng.random() < 0.5:
+            side = true_sides[int(rng.integers(len(true_sides)))]
+        elif balanced_sides and true_sides:
+            false_sides = [x for x in ("left", "right", "top", "bottom") if x not in true_sides]
+            side = false_sides[int(rng.integers(len(false_sides)))]
+        else:
+            side = ("left", "right", "top", "bottom")[int(rng.integers(4))]
         truth = side in (h, v)
         ex.append(_yes_no(f"Is the {o.category} {SIDE_WORD[side]} of the image?", truth, rng))
         ex.append((f"Where is the {o.category}?", position_phrase(o).capitalize() + " of the image."))

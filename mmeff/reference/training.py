@@ -57,26 +57,32 @@ def patch_labels(scene: Scene, grid: int = TOKEN_GRID) -> np.ndarray:
     return labels
 
 
-def render_scene(seed: int, draws: int = 2) -> tuple[np.ndarray, list[list[tuple[str, str]]], np.ndarray]:
+def render_scene(seed: int, draws: int = 2, text: dict | None = None
+                 ) -> tuple[np.ndarray, list[list[tuple[str, str]]], np.ndarray]:
     """(H, W, 3) uint8 pixels of the scene after a JPEG round trip, ``draws`` sets of (question, answer), and the
-    scene's per-cell category labels (:func:`patch_labels`)."""
+    scene's per-cell category labels (:func:`patch_labels`); ``text``: keyword arguments of
+    :func:`training_examples`."""
     scene = make_scene(seed)
     buf = io.BytesIO()
     render(scene, IMAGE_SIZE).save(buf, format="JPEG", quality=JPEG_QUALITY)
     pixels = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    qa = [training_examples(scene, np.random.default_rng([seed, 23, d])) for d in range(draws)]
+    qa = [training_examples(scene, np.random.default_rng([seed, 23, d]), **(text or {})) for d in range(draws)]
     return pixels, qa, patch_labels(scene)
 
 
-def _render_star(args: tuple[int, int]) -> tuple[np.ndarray, list[list[tuple[str, str]]], np.ndarray]:
+def _render_star(args: tuple[int, int, dict]) -> tuple[np.ndarray, list[list[tuple[str, str]]], np.ndarray]:
     return render_scene(*args)
 
 
 def prepare_data(out_dir: str | Path, n_images: int, *, draws: int = 2, workers: int = 16,
-                 first_seed: int = 0) -> Path:
-    """Render ``n_images`` training scenes into ``out_dir/images.npy`` + ``texts.json`` (skipped if present)."""
+                 first_seed: int = 0, p_halluc: float = 0.15, balanced_sides: bool = False,
+                 inline_halluc: bool = False) -> Path:
+    """Render ``n_images`` training scenes into ``out_dir/images.npy`` + ``texts.json`` (skipped if present);
+    ``p_halluc``, ``balanced_sides`` and ``inline_halluc`` go to :func:`training_examples`."""
     out = Path(out_dir)
-    meta = {"n_images": n_images, "draws": draws, "first_seed": first_seed, "image_size": IMAGE_SIZE, "labels": 1}
+    text = {"p_halluc": p_halluc, "balanced_sides": balanced_sides, "inline_halluc": inline_halluc}
+    meta = {"n_images": n_images, "draws": draws, "first_seed": first_seed, "image_size": IMAGE_SIZE, "labels": 1,
+            **text}
     if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()) == meta:
         return out
     if first_seed < TRAIN_SEEDS.start or first_seed + n_images > TRAIN_SEEDS.stop:
@@ -86,7 +92,7 @@ def prepare_data(out_dir: str | Path, n_images: int, *, draws: int = 2, workers:
                                        shape=(n_images, IMAGE_SIZE, IMAGE_SIZE, 3))
     texts: list[list[list[tuple[str, str]]]] = []
     labels = np.zeros((n_images, TOKEN_GRID, TOKEN_GRID), dtype=np.uint8)
-    jobs = [(first_seed + i, draws) for i in range(n_images)]
+    jobs = [(first_seed + i, draws, text) for i in range(n_images)]
     with get_context("fork").Pool(workers) as pool:
         for i, (pix, qa, lab) in enumerate(pool.imap(_render_star, jobs, chunksize=64)):
             images[i] = pix
