@@ -196,3 +196,19 @@ def test_resized_model_starts_from_shipped_weights_except_skipped() -> None:
     copied = [k for k in shipped if "language_model.layers." not in k]
     assert len(copied) > 50 and all(torch.equal(got[k], shipped[k]) for k in copied)
     assert all(torch.equal(got[k], fresh[k]) for k in got if "language_model.layers." in k)
+
+
+def test_qwen_rope_override_reaches_the_decoder() -> None:
+    """text_overrides may replace the Qwen decoder's M-RoPE parameters (the theta experiment), and nothing else
+    changes: the shipped weights load into it unchanged."""
+    from mmeff.reference.model import build_model
+    from mmeff.reference.training import init_from
+
+    rope = {"rope_type": "default", "rope_theta": 100.0, "mrope_section": [8, 12, 12]}
+    model, _ = build_model("qwen2vl", text_overrides={"rope_parameters": rope})
+    assert model.config.text_config.rope_parameters["rope_theta"] == 100.0
+    inv_freq = model.model.language_model.rotary_emb.inv_freq
+    assert inv_freq[20].item() == pytest.approx(100.0 ** (-40 / 64))  # first width frequency
+    init_from(model, reference_dir("qwen2vl"))
+    shipped = load_reference(arch="qwen2vl")[0].state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items() if k in shipped)
