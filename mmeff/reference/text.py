@@ -144,14 +144,11 @@ def training_examples(scene: Scene, rng: np.random.Generator, *, p_halluc: float
         truth = bool(rng.random() < 0.5)
         ex.append(_yes_no(f"Is the {o.category} {o.color if truth else other}?", truth, rng))
         h, v = o.position
+        sides = ["left", "right", "top", "bottom"]
         true_sides = [x for x in (h, v) if x != "center"]
-        if balanced_sides and true_sides and rng.random() < 0.5:
-            side = true_sides[int(rng.integers(len(true_sides)))]
-        elif balanced_sides and true_sides:
-            false_sides = [x for x in ("left", "right", "top", "bottom") if x not in true_sides]
-            side = false_sides[int(rng.integers(len(false_sides)))]
-        else:
-            side = ("left", "right", "top", "bottom")[int(rng.integers(4))]
+        if balanced_sides and true_sides:
+            sides = true_sides if rng.random() < 0.5 else [x for x in sides if x not in true_sides]
+        side = sides[int(rng.integers(len(sides)))]
         truth = side in (h, v)
         ex.append(_yes_no(f"Is the {o.category} {SIDE_WORD[side]} of the image?", truth, rng))
         ex.append((f"Where is the {o.category}?", position_phrase(o).capitalize() + " of the image."))
