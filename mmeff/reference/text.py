@@ -74,16 +74,16 @@ def detailed_caption(scene: Scene, extra: str | None = None, rng: np.random.Gene
     n = len(scene.objects) + inline
     head = f"The image shows {_num(n)} {'object' if n == 1 else 'objects'} on a cluttered background."
     # Left-to-right order of each category's first instance reads naturally.
-    order = sorted(scene.categories, key=lambda c: min(o.cx for o in scene.objects_of(c)))
-    sentences = [_category_sentence(scene, c) for c in order]
+    first_x = {c: min(o.cx for o in scene.objects_of(c)) for c in scene.categories}
+    sentences = [_category_sentence(scene, c) for c in sorted(first_x, key=first_x.get)]
     if inline:
         typical = TYPICAL_COLORS[extra]
         color = typical[int(rng.integers(len(typical)))]
         h, v = int(rng.integers(3)), int(rng.integers(3))
         place = _place_phrase(("left", "center", "right")[h], ("top", "center", "bottom")[v])
         x = (h + 0.5) / 3  # keeps the left-to-right order of the sentences
-        at = sum(min(o.cx for o in scene.objects_of(c)) < x for c in order)
-        sentences.insert(at, f"{article(color).capitalize()} {color} {extra} is {place}.")
+        sentences.insert(sum(x0 < x for x0 in first_x.values()),
+                         f"{article(color).capitalize()} {color} {extra} is {place}.")
     elif extra is not None:
         sentences.append(f"There is also {article(extra)} {extra} nearby.")
     return " ".join([head, *sentences])
