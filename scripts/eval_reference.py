@@ -27,7 +27,7 @@ from mmeff.evaluation.mme import MMEResult, load_mme, mme_scores
 from mmeff.evaluation.pope import load_questions, pope_metrics
 from mmeff.reference.model import chat_prompt, load_reference, object_attention_ratio
 from mmeff.reference.scenes import make_scene
-from mmeff.reference.synthetic import MME_SUBTASKS, POPE_STRATEGIES, ensure_benchmarks
+from mmeff.reference.synthetic import MANIFEST, MME_SUBTASKS, POPE_STRATEGIES, ensure_benchmarks
 
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHAIR_PROMPT = "Please describe this image in detail."
@@ -63,10 +63,11 @@ def attention_ratio(model_dir: str | Path, bench: Path, *, device: str, n_attent
     eager, processor = load_reference(model_dir, device=device, attn_implementation="eager")
     arch = "llava" if eager.config.model_type == "llava" else "qwen2vl"
     pos = [q for q in load_questions(bench / "pope" / "coco_pope_random.json") if q.label == "yes"][:n_attention]
+    glyphs = json.loads((bench / MANIFEST).read_text())["params"].get("glyphs", "v1")
     ratios, layers = [], []
     for q in pos:
         obj = q.text[len("Is there "):-len(" in the image?")].split(" ", 1)[1]
-        scene = make_scene(_seed(q.image))
+        scene = make_scene(_seed(q.image), glyphs)
         image = Image.open(bench / "images" / q.image).convert("RGB")
         r, per_layer = object_attention_ratio(eager, processor, arch, image, scene.objects_of(obj),
                                               q.text + POPE_SUFFIX)

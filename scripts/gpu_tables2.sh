@@ -2,7 +2,7 @@
 # One GPU call (issues 6, 10): `mmeff bench` of the LLaVA-1.5-7B shape, then the VFlowOpt-vs-FastV table on the
 # LLaVA reference (test split, one `mmeff eval` call, `none` and `fastv` rows included) with the tuned presets
 # in docs/results/tuned/. Results: $OUT/tables2.tgz.
-#   run: bash scripts/gpu_tables2.sh          (env: LIMIT=500 BENCH=1 TUNE=0: TUNE=1 first re-tunes the 90% preset,
+#   run: bash scripts/gpu_tables2.sh          (env: LIMIT=500 BENCH=1 TUNE=0 TUNE_S=300: TUNE=1 first re-tunes the 90% preset,
 #        300 trials, and its ablations, and evaluates those instead of docs/results/tuned/)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -15,7 +15,7 @@ P=benchmarks/presets T=docs/results/tuned
 if [ "${TUNE:-0}" = 1 ]; then
   T=$R/tuned; mkdir -p $T
   python3 -m mmeff.cli tune vflowopt --model mmeff/reference/weights/llava --budget 0.9 --trials 300 --samples 30 \
-    --batch-size 30 --timeout 300 --device cuda --output $T/vflowopt-90-tuned.toml > $T/tune90.log 2>&1
+    --batch-size 30 --timeout ${TUNE_S:-300} --device cuda --output $T/vflowopt-90-tuned.toml > $T/tune90.log 2>&1
   echo "tune rc=$? completed trials: $(grep -c '^trial' $T/tune90.log)"; tail -1 $T/tune90.log
   python3 scripts/ablate_preset.py $T/vflowopt-90-tuned.toml $T 2>&1 | tail -3
 fi

@@ -18,7 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff.reference.model import ARCHS
+from mmeff.reference.scenes import DEFAULT_GLYPHS
 from mmeff.reference.training import TrainConfig, prepare_data, train
+from mmeff.reference.vocab import GLYPH_STYLES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="yes/no side questions true half of the time (--prepare)")
     ap.add_argument("--inline-halluc", action="store_true",
                     help="word hallucinated caption mentions like drawn objects (--prepare)")
+    ap.add_argument("--glyphs", default=DEFAULT_GLYPHS, choices=sorted(GLYPH_STYLES),
+                    help="glyph style of the scenes (--prepare)")
     ap.add_argument("--data", default="out/data", help="rendered data folder")
     ap.add_argument("--arch", choices=ARCHS)
     ap.add_argument("--out", help="output folder (default out/<arch>)")
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.prepare:
         prepare_data(args.data, args.images, draws=args.draws, workers=args.workers, p_halluc=args.p_halluc,
-                     balanced_sides=args.balanced_sides, inline_halluc=args.inline_halluc)
+                     balanced_sides=args.balanced_sides, inline_halluc=args.inline_halluc, glyphs=args.glyphs)
         print(f"data ready in {args.data}")
         return
     if args.arch is None:

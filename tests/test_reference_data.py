@@ -19,7 +19,7 @@ from mmeff.reference.vocab import (
     CATEGORIES,
     COCO_NAMES,
     COLORS,
-    GLYPHS,
+    GLYPH_STYLES,
     GROUP_OF,
     GROUPS,
     NUMBER_WORDS,
@@ -62,13 +62,40 @@ def test_categories_are_canonical_chair_words() -> None:
     assert len(GROUPS) == 8
 
 
-def test_glyphs_distinct_and_group_families_shared() -> None:
-    for group, cats in GROUPS.items():
-        sigs = [(GLYPHS[c].shape, GLYPHS[c].pattern, GLYPHS[c].accent) for c in cats]
-        assert len(set(sigs)) == len(sigs), group
-        assert {s[0] for s in sigs} == set(SHAPES_BY_GROUP[group])
+def test_groups_never_share_an_outline_shape() -> None:
     families = [set(f) for f in SHAPES_BY_GROUP.values()]
     assert len(set().union(*families)) == 2 * len(families)  # groups never share an outline shape
+
+
+@pytest.mark.parametrize("style", sorted(GLYPH_STYLES))
+def test_every_glyph_style_keeps_categories_distinct(style: str) -> None:
+    glyphs = GLYPH_STYLES[style]
+    assert set(glyphs) == set(CATEGORIES)
+    for group, cats in GROUPS.items():
+        sigs = [(glyphs[c].shape, glyphs[c].pattern, glyphs[c].accent) for c in cats]
+        assert len(set(sigs)) == len(sigs), group
+        assert {s[0] for s in sigs} == set(SHAPES_BY_GROUP[group])
+
+
+@pytest.mark.parametrize("differ", ["accent", "pattern"])
+def test_twin_glyphs_differ_in_one_detail(differ: str) -> None:
+    glyphs = GLYPH_STYLES[f"twins-{differ}"]
+    same = {"shape", "pattern", "accent", "aspect"} - {differ}
+    for cats in GROUPS.values():
+        for a, b in zip(cats[0::2], cats[1::2], strict=False):  # the two most popular, the next two, ...
+            assert all(getattr(glyphs[a], f) == getattr(glyphs[b], f) for f in same), (a, b)
+            assert getattr(glyphs[a], differ) != getattr(glyphs[b], differ), (a, b)
+
+
+def test_scenes_draw_in_the_requested_glyph_style(tmp_path: Path) -> None:
+    for style in GLYPH_STYLES:
+        assert all(o.glyph == GLYPH_STYLES[style][o.category] for o in sc.make_scene(11, style).objects)
+    assert sc.make_scene(11) == sc.make_scene(11, sc.DEFAULT_GLYPHS)
+    with pytest.raises(ValueError, match=r"unknown glyph style 'v9'.*twins-accent"):
+        sc.make_scene(11, "v9")
+    with pytest.raises(ValueError, match="unknown glyph style"):
+        syn.write_benchmarks(tmp_path / "b", **SMALL, glyphs="v9")
+    assert not (tmp_path / "b").exists()
 
 
 def test_scene_deterministic_and_well_formed() -> None:

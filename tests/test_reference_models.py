@@ -128,11 +128,12 @@ def test_attention_on_asked_object(arch: str, loaded, request: pytest.FixtureReq
 def test_patch_labels_follow_boxes_and_draw_order() -> None:
     from mmeff.reference.scenes import Scene, SceneObject
     from mmeff.reference.training import patch_labels
-    from mmeff.reference.vocab import CATEGORIES
+    from mmeff.reference.vocab import CATEGORIES, DEFAULT_GLYPHS, GLYPH_STYLES
 
     a, b = CATEGORIES[0], CATEGORIES[1]
-    big = SceneObject(a, "red", (255, 0, 0), 0.5, 0.5, 0.3, 1.0, 0.0, (0.0, 0.0, 0.5, 0.5))
-    top = SceneObject(b, "blue", (0, 0, 255), 0.3, 0.3, 0.1, 1.0, 0.0, (0.25, 0.25, 0.5, 0.5))
+    glyphs = GLYPH_STYLES[DEFAULT_GLYPHS]
+    big = SceneObject(a, "red", (255, 0, 0), 0.5, 0.5, 0.3, 1.0, 0.0, (0.0, 0.0, 0.5, 0.5), glyphs[a])
+    top = SceneObject(b, "blue", (0, 0, 255), 0.3, 0.3, 0.1, 1.0, 0.0, (0.25, 0.25, 0.5, 0.5), glyphs[b])
     scene = Scene(seed=0, groups=("kitchen",), objects=(big, top))
     lab = patch_labels(scene, grid=4)  # cell centres at 0.125, 0.375, 0.625, 0.875
     expected = np.zeros((4, 4), dtype=np.uint8)

@@ -15,9 +15,9 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .vocab import CATEGORIES, GLYPHS, GROUPS, PALETTE, SIZE_RANGES, TYPICAL_COLORS
+from .vocab import CATEGORIES, DEFAULT_GLYPHS, GLYPH_STYLES, GROUPS, PALETTE, SIZE_RANGES, TYPICAL_COLORS, GlyphSpec
 
-__all__ = ["CATEGORIES", "GROUPS", "Scene", "SceneObject", "make_scene", "position_words", "render"]
+__all__ = ["CATEGORIES", "DEFAULT_GLYPHS", "GROUPS", "Scene", "SceneObject", "make_scene", "position_words", "render"]
 
 # Scene sampling parameters (see module docstring of vocab.py for why groups matter).
 _N_OBJECT_WEIGHTS = np.array([0.08, 0.14, 0.17, 0.17, 0.15, 0.12, 0.10, 0.07])  # for 1..8 objects
@@ -46,6 +46,7 @@ class SceneObject:
     aspect: float  # width / height
     angle: float  # degrees, counter-clockwise
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1 of the drawn pixels' extent, clipped to [0, 1]
+    glyph: GlyphSpec  # how the category is drawn (the scene's glyph style)
 
     @property
     def position(self) -> tuple[str, str]:
@@ -141,10 +142,9 @@ ACCENT_SHAPES: dict[str, list[list[tuple[float, float]]]] = {
 }
 
 
-def _glyph_polygons(category: str, cx: float, cy: float, half: float, aspect: float, angle: float
+def _glyph_polygons(spec: GlyphSpec, cx: float, cy: float, half: float, aspect: float, angle: float
                     ) -> list[np.ndarray]:
     """Body polygon first, then accent polygons; each an (n, 2) array in normalised image coordinates."""
-    spec = GLYPHS[category]
     sx, sy = half * math.sqrt(aspect), half / math.sqrt(aspect)
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     rot = np.array([[c * sx, s * sx], [-s * sy, c * sy]])  # scale then rotate (y down => sign flip)
@@ -197,10 +197,13 @@ def _area(b: tuple[float, float, float, float]) -> float:
     return max(b[2] - b[0], 1e-9) * max(b[3] - b[1], 1e-9)
 
 
-def make_scene(seed: int) -> Scene:
-    """Sample a scene deterministically from `seed` (objects that cannot be placed visibly are dropped)."""
+def make_scene(seed: int, glyphs: str = DEFAULT_GLYPHS) -> Scene:
+    """Sample a scene deterministically from `seed` (objects that cannot be placed visibly are dropped), its
+    categories drawn in the glyph style `glyphs` (a key of `vocab.GLYPH_STYLES`)."""
     if seed < 0:
         raise ValueError(f"scene seed must be non-negative, got {seed}")
+    if glyphs not in GLYPH_STYLES:
+        raise ValueError(f"unknown glyph style {glyphs!r}; known: {sorted(GLYPH_STYLES)}")
     rng = np.random.default_rng(seed)
     groups: tuple[str, ...] = (_GROUP_NAMES[int(rng.integers(len(_GROUP_NAMES)))],)
     if rng.random() < P_SECOND_GROUP:
@@ -213,20 +216,20 @@ def make_scene(seed: int) -> Scene:
         category = _pick_category(rng, groups, [o.category for o in objects])
         color = _pick_color(rng, category, objects)
         rgb = _shade(rng, color)
-        spec = GLYPHS[category]
+        spec = GLYPH_STYLES[glyphs][category]
         lo, hi = SIZE_RANGES[spec.size]
         half = float(rng.uniform(lo, hi))
         aspect = spec.aspect * float(rng.uniform(0.9, 1.1))
         angle = float(rng.uniform(-25, 25))
         for _try in range(8):  # rejection sampling keeps every object mostly visible
             cx, cy = (float(v) for v in rng.uniform(0.08, 0.92, size=2))
-            pts = np.concatenate(_glyph_polygons(category, cx, cy, half, aspect, angle))
+            pts = np.concatenate(_glyph_polygons(spec, cx, cy, half, aspect, angle))
             lo_xy, hi_xy = np.clip(pts.min(0), 0, 1), np.clip(pts.max(0), 0, 1)
             bbox = (float(lo_xy[0]), float(lo_xy[1]), float(hi_xy[0]), float(hi_xy[1]))
             covers = [_overlap(bbox, o.bbox) for o in objects]
             if all((occ + cov) / _area(o.bbox) <= MAX_OCCLUDED for o, occ, cov in zip(objects, occluded, covers)):
                 occluded = [occ + cov for occ, cov in zip(occluded, covers)]
-                objects.append(SceneObject(category, color, rgb, cx, cy, half, aspect, angle, bbox))
+                objects.append(SceneObject(category, color, rgb, cx, cy, half, aspect, angle, bbox, spec))
                 occluded.append(0.0)
                 break
     return Scene(seed=seed, groups=groups, objects=tuple(objects))
@@ -327,8 +330,8 @@ def render(scene: Scene, size: int = 224) -> Image.Image:
     _clutter(draw, rng, size, pats, img)
     for obj in scene.objects:
         body, *accents = (p * size for p in
-                          _glyph_polygons(obj.category, obj.cx, obj.cy, obj.half, obj.aspect, obj.angle))
-        pattern = GLYPHS[obj.category].pattern
+                          _glyph_polygons(obj.glyph, obj.cx, obj.cy, obj.half, obj.aspect, obj.angle))
+        pattern = obj.glyph.pattern
         body_pts = [tuple(p) for p in body.tolist()]
         if pattern == "solid":
             draw.polygon(body_pts, fill=obj.rgb)

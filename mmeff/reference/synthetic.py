@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .scenes import Scene, _glyph_polygons, make_scene, render
+from .scenes import DEFAULT_GLYPHS, Scene, _glyph_polygons, make_scene, render
 from .text import detailed_caption, short_caption
-from .vocab import CATEGORIES, COCO_IDS, COLORS, GROUP_OF, NUMBER_WORDS, article, plural
+from .vocab import CATEGORIES, COCO_IDS, COLORS, GLYPH_STYLES, GROUP_OF, NUMBER_WORDS, article, plural
 
 __all__ = [
     "HELDOUT_SEED_BASE",
@@ -52,7 +52,7 @@ __all__ = [
     "write_benchmarks",
 ]
 
-VERSION = "v1"  # bump whenever generation changes: it names the cache folder
+VERSION = "v2"  # bump whenever generation changes: it names the cache folder
 TRAIN_SEEDS = range(100_000_000)
 HELDOUT_SEED_BASE = 1_000_000_000
 SEED_OFFSETS = {"pope": 0, "chair": 10_000_000, "existence": 20_000_000, "count": 30_000_000,
@@ -85,12 +85,12 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------- scene selection
 
 
-def _scan(start: int, n: int, accept: Callable[[Scene], bool]) -> list[Scene]:
+def _scan(start: int, n: int, accept: Callable[[Scene], bool], glyphs: str) -> list[Scene]:
     out: list[Scene] = []
     for seed in range(start, start + _SEED_SPAN):
         if len(out) == n:
             return out
-        scene = make_scene(seed)
+        scene = make_scene(seed, glyphs)
         if accept(scene):
             out.append(scene)
     raise RuntimeError(f"only {len(out)} of {n} acceptable scenes in seeds [{start}, {start + _SEED_SPAN})")
@@ -224,7 +224,7 @@ def _chair_files(scenes: list[Scene], size: int) -> dict[str, object]:
     anns, caps, objects = [], [], {}
     for s in scenes:
         for o in s.objects:  # the glyph's body polygon doubles as the COCO segmentation
-            seg = _clip_polygon(_glyph_polygons(o.category, o.cx, o.cy, o.half, o.aspect, o.angle)[0], size)
+            seg = _clip_polygon(_glyph_polygons(o.glyph, o.cx, o.cy, o.half, o.aspect, o.angle)[0], size)
             anns.append({"id": len(anns) + 1, "image_id": s.seed, "category_id": COCO_IDS[o.category],
                          "segmentation": [seg], "area": round(_polygon_area(seg), 2),
                          "bbox": [round(v, 2) for v in o.bbox_xywh(size)], "iscrowd": 0})
@@ -264,8 +264,8 @@ def _files(root: Path) -> Iterator[Path]:
             yield p
 
 
-def _params(n_pope_images: int, n_chair_images: int, n_mme_images: int, seed_base: int, image_size: int
-            ) -> dict[str, int]:
+def _params(n_pope_images: int, n_chair_images: int, n_mme_images: int, seed_base: int, image_size: int,
+            glyphs: str) -> dict[str, int | str]:
     if seed_base < HELDOUT_SEED_BASE:
         raise ValueError(f"seed_base {seed_base} is below HELDOUT_SEED_BASE {HELDOUT_SEED_BASE}: benchmark "
                          f"seeds would overlap the training seeds {TRAIN_SEEDS}")
@@ -273,19 +273,21 @@ def _params(n_pope_images: int, n_chair_images: int, n_mme_images: int, seed_bas
                     ("n_mme_images", n_mme_images)):
         if n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}")
+    if glyphs not in GLYPH_STYLES:
+        raise ValueError(f"unknown glyph style {glyphs!r}; known: {sorted(GLYPH_STYLES)}")
     return {"n_pope_images": n_pope_images, "n_chair_images": n_chair_images, "n_mme_images": n_mme_images,
-            "seed_base": seed_base, "image_size": image_size}
+            "seed_base": seed_base, "image_size": image_size, "glyphs": glyphs}
 
 
 def write_benchmarks(out_dir: str | os.PathLike[str], *, n_pope_images: int = 500, n_chair_images: int = 500,
-                     n_mme_images: int = 100, seed_base: int = HELDOUT_SEED_BASE, image_size: int = 224
-                     ) -> Path:
+                     n_mme_images: int = 100, seed_base: int = HELDOUT_SEED_BASE, image_size: int = 224,
+                     glyphs: str = DEFAULT_GLYPHS) -> Path:
     """Generate all three benchmarks into `out_dir` (must not exist yet); `n_mme_images` is per subtask.
 
     Files are built in a temporary sibling folder that is renamed into place at the end, so a crash never
     leaves a half-written benchmark behind. Returns `out_dir`.
     """
-    params = _params(n_pope_images, n_chair_images, n_mme_images, seed_base, image_size)
+    params = _params(n_pope_images, n_chair_images, n_mme_images, seed_base, image_size, glyphs)
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} already exists; write_benchmarks only creates new folders")
@@ -300,10 +302,11 @@ def write_benchmarks(out_dir: str | os.PathLike[str], *, n_pope_images: int = 50
     return out
 
 
-def _generate(root: Path, p: dict[str, int]) -> None:
-    base, size = p["seed_base"], p["image_size"]
-    pope = _scan(base + SEED_OFFSETS["pope"], p["n_pope_images"], lambda s: len(s.categories) >= POPE_SAMPLE_NUM)
-    chair = _scan(base + SEED_OFFSETS["chair"], p["n_chair_images"], lambda s: True)
+def _generate(root: Path, p: dict) -> None:
+    base, size, glyphs = p["seed_base"], p["image_size"], p["glyphs"]
+    pope = _scan(base + SEED_OFFSETS["pope"], p["n_pope_images"], lambda s: len(s.categories) >= POPE_SAMPLE_NUM,
+                 glyphs)
+    chair = _scan(base + SEED_OFFSETS["chair"], p["n_chair_images"], lambda s: True, glyphs)
     for s in pope + chair:
         _write(root / "images" / image_name(s.seed), _jpeg(s, size))
     for strategy in POPE_STRATEGIES:
@@ -315,7 +318,8 @@ def _generate(root: Path, p: dict[str, int]) -> None:
         _write(root / "chair" / name, json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj))
     for task in MME_SUBTASKS:
         rows = []
-        for s in _scan(base + SEED_OFFSETS[task], p["n_mme_images"], lambda s, t=task: _mme_pair(t, s) is not None):
+        for s in _scan(base + SEED_OFFSETS[task], p["n_mme_images"], lambda s, t=task: _mme_pair(t, s) is not None,
+                       glyphs):
             yes, no = (q + MME_SUFFIX for q in _mme_pair(task, s))  # type: ignore[union-attr]
             folder = root / "mme" / "MME_Benchmark" / task
             _write(folder / image_name(s.seed), _jpeg(s, size))
@@ -331,7 +335,7 @@ def _generate(root: Path, p: dict[str, int]) -> None:
     _write(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
-def verify_benchmarks(root: str | os.PathLike[str], params: dict[str, int] | None = None) -> dict[str, object]:
+def verify_benchmarks(root: str | os.PathLike[str], params: dict[str, int | str] | None = None) -> dict[str, object]:
     """Check every file listed in the manifest against its sha256 (and the settings, if given).
 
     Raises BenchmarkIntegrityError naming the first problem; returns the manifest.
@@ -359,19 +363,19 @@ def verify_benchmarks(root: str | os.PathLike[str], params: dict[str, int] | Non
     return manifest
 
 
-def ensure_benchmarks(cache_dir: str | os.PathLike[str] | None = None, **sizes: int) -> Path:
+def ensure_benchmarks(cache_dir: str | os.PathLike[str] | None = None, **sizes: int | str) -> Path:
     """Return a verified benchmark folder under `cache_dir` (default `default_cache_dir()`), making it if absent.
 
     `sizes` are write_benchmarks' keyword arguments; each combination gets its own sub-folder named after
     it. An existing folder whose checksums do not match raises BenchmarkIntegrityError.
     """
-    unknown = set(sizes) - {"n_pope_images", "n_chair_images", "n_mme_images", "seed_base", "image_size"}
+    unknown = set(sizes) - {"n_pope_images", "n_chair_images", "n_mme_images", "seed_base", "image_size", "glyphs"}
     if unknown:
         raise TypeError(f"ensure_benchmarks got unknown settings {sorted(unknown)}")
     params = _params(**{"n_pope_images": 500, "n_chair_images": 500, "n_mme_images": 100,
-                        "seed_base": HELDOUT_SEED_BASE, "image_size": 224, **sizes})
+                        "seed_base": HELDOUT_SEED_BASE, "image_size": 224, "glyphs": DEFAULT_GLYPHS, **sizes})
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = "pope{n_pope_images}_chair{n_chair_images}_mme{n_mme_images}_seed{seed_base}_px{image_size}"
+    key = "pope{n_pope_images}_chair{n_chair_images}_mme{n_mme_images}_seed{seed_base}_px{image_size}_{glyphs}"
     target = root / key.format(**params)
     if not target.exists():
         try:

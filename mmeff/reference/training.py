@@ -30,7 +30,7 @@ from PIL import Image
 from mmeff.cache import cache_kwarg
 
 from .model import IMAGE_SIZE, NUM_VISUAL_TOKENS, TOKEN_GRID, answer_text, build_model, chat_prompt, save_reference
-from .scenes import Scene, make_scene, render
+from .scenes import DEFAULT_GLYPHS, Scene, make_scene, render
 from .synthetic import JPEG_QUALITY, TRAIN_SEEDS
 from .text import training_examples
 from .vocab import CATEGORIES
@@ -57,12 +57,12 @@ def patch_labels(scene: Scene, grid: int = TOKEN_GRID) -> np.ndarray:
     return labels
 
 
-def render_scene(seed: int, draws: int = 2, text: dict | None = None
+def render_scene(seed: int, draws: int = 2, text: dict | None = None, glyphs: str = DEFAULT_GLYPHS
                  ) -> tuple[np.ndarray, list[list[tuple[str, str]]], np.ndarray]:
     """(H, W, 3) uint8 pixels of the scene after a JPEG round trip, ``draws`` sets of (question, answer), and the
     scene's per-cell category labels (:func:`patch_labels`); ``text``: keyword arguments of
-    :func:`training_examples`."""
-    scene = make_scene(seed)
+    :func:`training_examples`; ``glyphs``: the glyph style."""
+    scene = make_scene(seed, glyphs)
     buf = io.BytesIO()
     render(scene, IMAGE_SIZE).save(buf, format="JPEG", quality=JPEG_QUALITY)
     pixels = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
@@ -70,19 +70,20 @@ def render_scene(seed: int, draws: int = 2, text: dict | None = None
     return pixels, qa, patch_labels(scene)
 
 
-def _render_star(args: tuple[int, int, dict]) -> tuple[np.ndarray, list[list[tuple[str, str]]], np.ndarray]:
+def _render_star(args: tuple[int, int, dict, str]) -> tuple[np.ndarray, list[list[tuple[str, str]]], np.ndarray]:
     return render_scene(*args)
 
 
 def prepare_data(out_dir: str | Path, n_images: int, *, draws: int = 2, workers: int = 16,
                  first_seed: int = 0, p_halluc: float = 0.15, balanced_sides: bool = False,
-                 inline_halluc: bool = False) -> Path:
+                 inline_halluc: bool = False, glyphs: str = DEFAULT_GLYPHS) -> Path:
     """Render ``n_images`` training scenes into ``out_dir/images.npy`` + ``texts.json`` (skipped if present);
-    ``p_halluc``, ``balanced_sides`` and ``inline_halluc`` go to :func:`training_examples`."""
+    ``p_halluc``, ``balanced_sides`` and ``inline_halluc`` go to :func:`training_examples`; ``glyphs``: the glyph
+    style of the scenes."""
     out = Path(out_dir)
     text = {"p_halluc": p_halluc, "balanced_sides": balanced_sides, "inline_halluc": inline_halluc}
     meta = {"n_images": n_images, "draws": draws, "first_seed": first_seed, "image_size": IMAGE_SIZE, "labels": 1,
-            **text}
+            **text, "glyphs": glyphs}
     if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()) == meta:
         return out
     if first_seed < TRAIN_SEEDS.start or first_seed + n_images > TRAIN_SEEDS.stop:
@@ -92,7 +93,7 @@ def prepare_data(out_dir: str | Path, n_images: int, *, draws: int = 2, workers:
                                        shape=(n_images, IMAGE_SIZE, IMAGE_SIZE, 3))
     texts: list[list[list[tuple[str, str]]]] = []
     labels = np.zeros((n_images, TOKEN_GRID, TOKEN_GRID), dtype=np.uint8)
-    jobs = [(first_seed + i, draws, text) for i in range(n_images)]
+    jobs = [(first_seed + i, draws, text, glyphs) for i in range(n_images)]
     with get_context("fork").Pool(workers) as pool:
         for i, (pix, qa, lab) in enumerate(pool.imap(_render_star, jobs, chunksize=64)):
             images[i] = pix
@@ -333,9 +334,10 @@ class _ExistenceProbe:
     a cheap progress signal printed at every checkpoint. The scenes come from the end of ``TRAIN_SEEDS``, which
     no training run renders, and never from the benchmarks' held-out seeds."""
 
-    def __init__(self, arch: str, processor, lut: torch.Tensor, device: str, n_scenes: int = 64) -> None:
+    def __init__(self, arch: str, processor, lut: torch.Tensor, device: str, glyphs: str, n_scenes: int = 64
+                 ) -> None:
         first = TRAIN_SEEDS.stop - n_scenes
-        scenes = [render_scene(first + i, draws=1) for i in range(n_scenes)]
+        scenes = [render_scene(first + i, draws=1, glyphs=glyphs) for i in range(n_scenes)]
         texts = [[[qa for qa in s[1][0] if qa[0].startswith("Is there a") and "only one" not in qa[0]]]
                  for s in scenes]
         ex = encode_examples(arch, processor.tokenizer, texts)
@@ -422,7 +424,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     model.to(cfg.device).train()
     aux = _AuxVisionLoss(model, cfg, data) if cfg.aux_weight > 0 else None
     fast = _QwenTrainingSpeedups(model, ex, processor) if cfg.arch == "qwen2vl" else None
-    probe = _ExistenceProbe(cfg.arch, processor, lut, cfg.device, cfg.probe_scenes)
+    glyphs = json.loads((data / "meta.json").read_text()).get("glyphs", "v1")  # data rendered before styles: v1
+    probe = _ExistenceProbe(cfg.arch, processor, lut, cfg.device, glyphs, cfg.probe_scenes)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

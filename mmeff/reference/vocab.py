@@ -3,8 +3,10 @@
 Category names are the canonical (first) words of the CHAIR synonym list, so CHAIR's synonym machinery
 and COCO category ids apply unchanged. Glyphs are designed so that categories of *different* groups differ
 by outline shape (easy), while categories of the *same* group share a shape family and differ only by fill
-pattern, accent mark and aspect ratio (hard): a small model then leans on the group co-occurrence prior,
-which is what makes it hallucinate the way real VLMs do.
+pattern, accent mark and aspect ratio (hard). In the default style ("twins-accent") the two most popular
+categories of a group, the next two, and so on, differ only by their accent mark, as a fork and a knife differ
+in a detail: where the detail is hard to see the model leans on the group co-occurrence prior, which is what
+makes it answer "yes" to absent co-occurring objects the way real VLMs do (POPE's adversarial split).
 """
 
 from __future__ import annotations
@@ -117,6 +119,10 @@ class GlyphSpec:
     size: str
 
 
+def _size(cat: str) -> str:
+    return "L" if cat in _LARGE else "S" if cat in _SMALL else "M"
+
+
 def _glyph_specs() -> dict[str, GlyphSpec]:
     specs: dict[str, GlyphSpec] = {}
     for g, (group, cats) in enumerate(GROUPS.items()):
@@ -127,12 +133,31 @@ def _glyph_specs() -> dict[str, GlyphSpec]:
                 pattern=PATTERNS[(3 * j + g) % len(PATTERNS)],
                 accent=ACCENTS[(j // 2 + g) % len(ACCENTS)],
                 aspect=_ASPECTS[(j + 2 * g) % len(_ASPECTS)],
-                size="L" if cat in _LARGE else "S" if cat in _SMALL else "M",
+                size=_size(cat),
             )
     return specs
 
 
-GLYPHS: dict[str, GlyphSpec] = _glyph_specs()
+def _twin_specs(differ: str) -> dict[str, GlyphSpec]:
+    """Glyphs in twins: categories 2k and 2k+1 of a group (neighbours in popularity, so they co-occur most)
+    share shape and aspect and differ only by their accent mark (``differ="accent"``) or fill pattern
+    (``differ="pattern"``), as a fork and a knife differ only in a detail."""
+    specs: dict[str, GlyphSpec] = {}
+    for g, (group, cats) in enumerate(GROUPS.items()):
+        for j, cat in enumerate(cats):
+            k, m = divmod(j, 2)  # twin pair k, member m
+            pattern = PATTERNS[(3 * (j if differ == "pattern" else 2 * k) + g) % len(PATTERNS)]
+            accent = ACCENTS[(k + g + (3 * m if differ == "accent" else 0)) % len(ACCENTS)]
+            specs[cat] = GlyphSpec(shape=SHAPES_BY_GROUP[group][k % 2], pattern=pattern, accent=accent,
+                                   aspect=_ASPECTS[(k + 2 * g) % len(_ASPECTS)], size=_size(cat))
+    return specs
+
+
+# Glyph styles: "v1" (benchmarks v1; within-group siblings share one of two shapes and differ by pattern, accent
+# and aspect) and the twin styles; "twins-accent" is the default since benchmarks v2 (docs/reference-model.md).
+GLYPH_STYLES: dict[str, dict[str, GlyphSpec]] = {
+    "v1": _glyph_specs(), "twins-accent": _twin_specs("accent"), "twins-pattern": _twin_specs("pattern")}
+DEFAULT_GLYPHS = "twins-accent"
 
 _IRREGULAR_PLURALS = {"knife": "knives", "mouse": "mice", "sheep": "sheep", "scissors": "scissors"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
