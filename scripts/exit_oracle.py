@@ -33,6 +33,8 @@ def write_exit_presets(folder: Path, layers: int) -> list[Path]:
 def report(output: Path, layers: int) -> dict[str, object]:
     out: dict[str, object] = {"layers": layers, "tasks": {}}
     base_dir = output / "samples" / "none"
+    if not any(base_dir.glob("*.jsonl")):
+        raise SystemExit(f"{base_dir}: no per-sample logs (run mmeff eval with --log-samples and a `none` row)")
     for log in sorted(base_dir.glob("*.jsonl")):
         task = log.stem
         base = {k: r["answer"].lower() for k, r in read_log(log).items()}
