@@ -1,0 +1,88 @@
+"""Is the last token's attention on the asked object *selection* or just objectness? (issue 4, per model)
+
+`object_attention_ratio` (the issue's criterion) divides the last prompt token's attention on the asked object's
+visual tokens by its mean over all visual tokens; objects draw more attention than background whatever is asked.
+This adds two controls on the same POPE "yes" questions (images with a second category present): the same ratio
+for the cells of *another* present object (not asked), and for the first text token after the image (it has not
+read the question yet). Selection shows as asked >> other; objectness as asked ~ other > 1.
+
+    python scripts/attention_control.py --arch llava --bench BENCH_DIR [--n 50] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmeff.evaluation.pope import load_questions
+from mmeff.reference.model import chat_prompt, load_reference, object_token_mask
+from mmeff.reference.scenes import make_scene
+from mmeff.reference.synthetic import MANIFEST
+
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+def _ratio(att: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[L, 256] head-mean attention over the visual tokens -> [L + 1]: per layer, then over the layer-mean attention
+    (the criterion's number), each the mean on ``mask`` over the mean on all visual tokens."""
+    att = torch.cat([att, att.mean(0, keepdim=True)])
+    return att[:, mask].mean(1) / att.mean(1)
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=("llava", "qwen2vl"), required=True)
+    ap.add_argument("--bench", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    model, processor = load_reference(arch=a.arch, attn_implementation="eager")
+    glyphs = json.loads((a.bench / MANIFEST).read_text())["params"].get("glyphs", "v1")
+    rows: dict[str, list[torch.Tensor]] = {"last token, asked object": [], "last token, other present object": [],
+                                           "first token after the image, asked object": []}
+    for q in load_questions(a.bench / "pope" / "coco_pope_random.json"):
+        if len(rows["last token, asked object"]) == a.n:
+            break
+        if q.label != "yes":
+            continue
+        asked = q.text[len("Is there "):-len(" in the image?")].split(" ", 1)[1]
+        scene = make_scene(int(Path(q.image).stem.split("_")[-1]), glyphs)
+        others = sorted({o.category for o in scene.objects} - {asked})
+        if not others:
+            continue
+        m_asked = object_token_mask(scene.objects_of(asked))
+        m_other = object_token_mask(scene.objects_of(others[0])) & ~m_asked
+        if not m_other.any() or not m_asked.any():
+            continue
+        image = Image.open(a.bench / "images" / q.image).convert("RGB")
+        inputs = processor(text=[chat_prompt(a.arch, q.text + POPE_SUFFIX)], images=[image], return_tensors="pt")
+        out = model(**inputs, output_attentions=True)
+        visual = inputs["input_ids"][0] == model.config.image_token_id
+        after = int(torch.nonzero(visual).max()) + 1
+
+        def att(row: int, vis: torch.Tensor = visual, attentions: tuple = out.attentions) -> torch.Tensor:
+            return torch.stack([x[0, :, row, :].float().mean(0)[vis] for x in attentions])
+
+        last = att(-1)
+        rows["last token, asked object"].append(_ratio(last, m_asked))
+        rows["last token, other present object"].append(_ratio(last, m_other))
+        rows["first token after the image, asked object"].append(_ratio(att(after), m_asked))
+    report = {"arch": a.arch, "bench": str(a.bench), "questions": len(rows["last token, asked object"])}
+    for name, v in rows.items():
+        r = torch.stack(v).mean(0)
+        report[name] = {"ratio": float(r[-1]), "per_layer": [round(float(x), 3) for x in r[:-1]]}
+        print(f"{a.arch:8s} {name:42s} {float(r[-1]):.2f}  per layer " + " ".join(f"{x:.2f}" for x in r[:-1].tolist()))
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
