@@ -2,9 +2,10 @@
 
 `object_attention_ratio` (the issue's criterion) divides the last prompt token's attention on the asked object's
 visual tokens by its mean over all visual tokens; objects draw more attention than background whatever is asked.
-This adds two controls on the same POPE "yes" questions (images with a second category present): the same ratio
-for the cells of *another* present object (not asked), and for the first text token after the image (it has not
-read the question yet). Selection shows as asked >> other; objectness as asked ~ other > 1.
+This adds controls on the same POPE "yes" questions (images with a second category present): the same ratio for
+the cells of *another* present object (not asked), for the first text token after the image (it has not read the
+question yet), and for the asked object's name in the question (its last token). Selection shows as
+asked >> other; objectness as asked ~ other > 1.
 
     python scripts/attention_control.py --arch llava --bench BENCH_DIR [--n 50] [--json OUT.json]
 """
@@ -36,6 +37,15 @@ def _ratio(att: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return att[:, mask].mean(1) / att.mean(1)
 
 
+def _last_position(ids: torch.Tensor, pattern: list[int]) -> int:
+    """Position of the last token of the last occurrence of ``pattern`` in ``ids``."""
+    n = len(pattern)
+    for start in range(len(ids) - n, -1, -1):
+        if ids[start:start + n].tolist() == pattern:
+            return start + n - 1
+    raise ValueError(f"token pattern {pattern} not in the prompt")
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,8 +56,9 @@ def main() -> None:
     a = ap.parse_args()
     model, processor = load_reference(arch=a.arch, attn_implementation="eager")
     glyphs = json.loads((a.bench / MANIFEST).read_text())["params"].get("glyphs", "v1")
-    rows: dict[str, list[torch.Tensor]] = {"last token, asked object": [], "last token, other present object": [],
-                                           "first token after the image, asked object": []}
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in (
+        "last token, asked object", "last token, other present object", "first token after the image, asked object",
+        "asked object's name in the question, asked object", "asked object's name, other present object")}
     for q in load_questions(a.bench / "pope" / "coco_pope_random.json"):
         if len(rows["last token, asked object"]) == a.n:
             break
@@ -75,6 +86,9 @@ def main() -> None:
         rows["last token, asked object"].append(_ratio(last, m_asked))
         rows["last token, other present object"].append(_ratio(last, m_other))
         rows["first token after the image, asked object"].append(_ratio(att(after), m_asked))
+        name = _last_position(inputs["input_ids"][0], processor.tokenizer.encode(" " + asked, add_special_tokens=False))
+        rows["asked object's name in the question, asked object"].append(_ratio(att(name), m_asked))
+        rows["asked object's name, other present object"].append(_ratio(att(name), m_other))
     report = {"arch": a.arch, "bench": str(a.bench), "questions": len(rows["last token, asked object"])}
     for name, v in rows.items():
         r = torch.stack(v).mean(0)
