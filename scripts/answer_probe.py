@@ -25,9 +25,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff.evaluation.pope import load_questions
+from mmeff.evaluation.tasks import POPE_SUFFIX
 from mmeff.reference.model import chat_prompt, load_reference
-
-POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
 @torch.no_grad()

@@ -23,11 +23,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff.evaluation.pope import load_questions
+from mmeff.evaluation.tasks import POPE_SUFFIX
 from mmeff.reference.model import chat_prompt, load_reference, object_token_mask
 from mmeff.reference.scenes import make_scene
-from mmeff.reference.synthetic import MANIFEST
-
-POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+from mmeff.reference.synthetic import MANIFEST, image_seed, pope_object
 
 
 def _ratio(att: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -64,8 +63,8 @@ def main() -> None:
             break
         if q.label != "yes":
             continue
-        asked = q.text[len("Is there "):-len(" in the image?")].split(" ", 1)[1]
-        scene = make_scene(int(Path(q.image).stem.split("_")[-1]), glyphs)
+        asked = pope_object(q.text)
+        scene = make_scene(image_seed(q.image), glyphs)
         others = sorted({o.category for o in scene.objects} - {asked})
         if not others:
             continue

@@ -25,12 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmeff.evaluation.chair import evaluate_chair
 from mmeff.evaluation.mme import MMEResult, load_mme, mme_scores
 from mmeff.evaluation.pope import load_questions, pope_metrics
+from mmeff.evaluation.tasks import CHAIR_PROMPT, POPE_SUFFIX
 from mmeff.reference.model import chat_prompt, load_reference, object_attention_ratio
 from mmeff.reference.scenes import make_scene
-from mmeff.reference.synthetic import MANIFEST, MME_SUBTASKS, POPE_STRATEGIES, ensure_benchmarks
-
-POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
-CHAIR_PROMPT = "Please describe this image in detail."
+from mmeff.reference.synthetic import (
+    MANIFEST,
+    MME_SUBTASKS,
+    POPE_STRATEGIES,
+    ensure_benchmarks,
+    image_seed,
+    pope_object,
+)
 
 
 @torch.no_grad()
@@ -53,10 +58,6 @@ def generate(model, processor, arch: str, questions: list[str], images: list[Pat
     return [t.strip() for t in out]
 
 
-def _seed(image_name: str) -> int:
-    return int(Path(image_name).stem.split("_")[-1])
-
-
 def attention_ratio(model_dir: str | Path, bench: Path, *, device: str, n_attention: int) -> dict[str, object]:
     """Mean attention of the last prompt token to the asked object's visual tokens over its mean over all visual
     tokens (``object_attention_ratio``), on the first ``n_attention`` "yes" questions of POPE random."""
@@ -66,8 +67,8 @@ def attention_ratio(model_dir: str | Path, bench: Path, *, device: str, n_attent
     glyphs = json.loads((bench / MANIFEST).read_text())["params"].get("glyphs", "v1")
     ratios, layers = [], []
     for q in pos:
-        obj = q.text[len("Is there "):-len(" in the image?")].split(" ", 1)[1]
-        scene = make_scene(_seed(q.image), glyphs)
+        obj = pope_object(q.text)
+        scene = make_scene(image_seed(q.image), glyphs)
         image = Image.open(bench / "images" / q.image).convert("RGB")
         r, per_layer = object_attention_ratio(eager, processor, arch, image, scene.objects_of(obj),
                                               q.text + POPE_SUFFIX)

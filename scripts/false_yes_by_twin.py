@@ -1,5 +1,5 @@
 """False "yes" answers on POPE negatives, split by whether the asked object's twin (the category that shares its glyph
-but for the accent mark, `vocab._twin_specs`) is in the image: how much of the adversarial gap is look-alikes.
+but for the accent mark, `vocab.twin_of`) is in the image: how much of the adversarial gap is look-alikes.
 
     python scripts/false_yes_by_twin.py BENCH_DIR SAMPLES_DIR   # SAMPLES_DIR = <mmeff eval --output>/samples/<preset>
 """
@@ -14,17 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff.evaluation.pope import load_questions
 from mmeff.reference.scenes import make_scene
-from mmeff.reference.vocab import GROUP_OF, GROUPS
-
-
-def twin(category: str) -> str | None:
-    cats = GROUPS[GROUP_OF[category]]
-    j = cats.index(category) ^ 1  # pairs (0, 1), (2, 3), ...
-    return cats[j] if j < len(cats) else None
+from mmeff.reference.synthetic import MANIFEST, image_seed, pope_object
+from mmeff.reference.vocab import twin_of
 
 
 def main(bench: str, samples: str) -> None:
-    manifest = json.loads((Path(bench) / "manifest.json").read_text())
+    manifest = json.loads((Path(bench) / MANIFEST).read_text())
     glyphs = manifest["params"]["glyphs"]
     for split in ("random", "popular", "adversarial"):
         answers = {}
@@ -35,9 +30,8 @@ def main(bench: str, samples: str) -> None:
         for q in load_questions(Path(bench) / "pope" / f"coco_pope_{split}.json"):
             if q.label != "no" or str(q.question_id) not in answers:
                 continue
-            obj = q.text[len("Is there "):-len(" in the image?")].split(" ", 1)[1]
-            scene = make_scene(int(Path(q.image).stem.split("_")[-1]), glyphs)
-            present = twin(obj) in scene.categories
+            scene = make_scene(image_seed(q.image), glyphs)
+            present = twin_of(pope_object(q.text)) in scene.categories
             counts[present][0] += answers[str(q.question_id)]
             counts[present][1] += 1
         fy = sum(c[0] for c in counts.values())

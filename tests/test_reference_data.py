@@ -25,6 +25,7 @@ from mmeff.reference.vocab import (
     NUMBER_WORDS,
     SHAPES_BY_GROUP,
     plural,
+    twin_of,
 )
 
 SHARED = Path(os.environ.get("MMEFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -85,6 +86,9 @@ def test_twin_glyphs_differ_in_one_detail(differ: str) -> None:
         for a, b in zip(cats[0::2], cats[1::2], strict=False):  # the two most popular, the next two, ...
             assert all(getattr(glyphs[a], f) == getattr(glyphs[b], f) for f in same), (a, b)
             assert getattr(glyphs[a], differ) != getattr(glyphs[b], differ), (a, b)
+            assert (twin_of(a), twin_of(b)) == (b, a)
+        if len(cats) % 2:
+            assert twin_of(cats[-1]) is None
 
 
 def test_scenes_draw_in_the_requested_glyph_style(tmp_path: Path) -> None:
@@ -277,6 +281,16 @@ def _pope_by_image(path: Path) -> dict[str, list[tuple[str, str]]]:
         row = json.loads(line)
         out.setdefault(row["image"], []).append((POPE_RE.match(row["text"]).group(2), row["label"]))
     return out
+
+
+def test_pope_questions_parse_back_to_scene_and_object(bench: Path) -> None:
+    for line in (bench / "pope/coco_pope_adversarial.json").read_text().splitlines():
+        row = json.loads(line)
+        assert syn.pope_object(row["text"]) == POPE_RE.match(row["text"]).group(2)
+        assert syn.image_seed(row["image"]) == _seed_of(row["image"])
+    assert syn.pope_object("Is there a dining table in the image?") == "dining table"
+    with pytest.raises(ValueError, match="not a synthetic POPE question"):
+        syn.pope_object("How many cups are there?")
 
 
 def test_pope_sampling_rules(bench: Path) -> None:

@@ -75,6 +75,19 @@ def image_name(seed: int) -> str:
     return f"synth_{seed:012d}.jpg"
 
 
+def image_seed(name: str) -> int:
+    """The scene seed of a benchmark image (inverse of :func:`image_name`)."""
+    return int(Path(name).stem.split("_")[-1])
+
+
+def pope_object(text: str) -> str:
+    """The category a synthetic POPE question asks about (inverse of ``POPE_TEMPLATE``)."""
+    prefix, suffix = POPE_TEMPLATE.split("{} {}")
+    if not (text.startswith(prefix) and text.endswith(suffix)):
+        raise ValueError(f"not a synthetic POPE question: {text!r}")
+    return text[len(prefix):-len(suffix)].split(" ", 1)[1]
+
+
 def default_cache_dir() -> Path:
     """`$MMEFF_CACHE/synthetic/<VERSION>` if MMEFF_CACHE is set, else `~/.cache/mmeff/synthetic/<VERSION>`."""
     root = os.environ.get("MMEFF_CACHE")

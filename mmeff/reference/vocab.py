@@ -138,6 +138,13 @@ def _glyph_specs() -> dict[str, GlyphSpec]:
     return specs
 
 
+def twin_of(category: str) -> str | None:
+    """The category drawn as ``category``'s twin in the twin glyph styles (2k <-> 2k+1 in its group), if any."""
+    cats = GROUPS[GROUP_OF[category]]
+    j = cats.index(category) ^ 1
+    return cats[j] if j < len(cats) else None
+
+
 def _twin_specs(differ: str) -> dict[str, GlyphSpec]:
     """Glyphs in twins: categories 2k and 2k+1 of a group (neighbours in popularity, so they co-occur most)
     share shape and aspect and differ only by their accent mark (``differ="accent"``) or fill pattern
