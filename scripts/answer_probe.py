@@ -2,8 +2,8 @@
 
 The exit oracle (`scripts/exit_oracle.py`) lets "no" answers leave at layer 1: without the image the model says
 "no". A router can only do that if the hidden states entering layer k already tell a "no" from a "yes". This
-fits, per layer k, a logistic probe on the router's own input, `concat(mean text state after the image, last
-token state)` (as in `mmeff.methods.dyvte`), to the unwrapped model's final POPE answer, and reports its accuracy
+fits, per layer k, a logistic probe on the router's own input (`mmeff.methods.dyvte.router_features`: mean text
+state after the image, last token state) to the unwrapped model's final POPE answer, and reports its accuracy
 on held-out images (2-fold, split by image) beside the majority rate. An exit at layer 1 for every "no" with the
 other answers kept to layer 5 gives mean exit 3.0 at 100% agreement; every "yes" the router takes for a "no" is
 a wrong answer, so ~99% probe accuracy at layers 1-2 is what the issue's target (>= 97% kept, exit <= L/2) needs.
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff.evaluation.pope import load_questions
 from mmeff.evaluation.tasks import POPE_SUFFIX
+from mmeff.methods.dyvte import router_features, text_after_image
 from mmeff.reference.model import chat_prompt, load_reference
 
 
@@ -46,15 +47,10 @@ def router_inputs(model, processor, arch: str, bench: Path, batch_size: int) -> 
         inputs = processor(text=[chat_prompt(arch, q.text + POPE_SUFFIX) for q in batch], images=imgs,
                            padding=True, return_tensors="pt").to(model.device)
         out = model(**inputs, output_hidden_states=True)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        last_img = torch.where(ids == image_id, pos, -1).amax(1, keepdim=True)
-        text = (pos > last_img) & mask
-        text[:, -1] = False  # the last token is the second half of the input
-        hs = torch.stack(out.hidden_states, 1).float()  # [B, L+1, T, d]
-        w = text[:, None, :, None].float()
-        mean = (hs * w).sum(2) / w.sum(2).clamp_min(1)
-        feats.append(torch.cat([mean, hs[:, :, -1]], -1).cpu())
+        ids = inputs["input_ids"]
+        text = text_after_image(ids == image_id, inputs["attention_mask"])
+        last = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)  # left padding: the last slot
+        feats.append(torch.stack([router_features(h, text, last) for h in out.hidden_states], 1).cpu())
         logits = out.logits[:, -1]
         yes.append((logits[:, yes_id] > logits[:, no_id]).cpu())
     return torch.cat(feats), torch.cat(yes), [q.image for q in qs]
@@ -99,7 +95,6 @@ def main() -> None:
     x, y, images = router_inputs(model, processor, a.arch, a.bench, a.batch_size)
     names = sorted(set(images))
     fold = torch.tensor([names.index(im) % 2 for im in images])
-    torch.manual_seed(0)
     majority = max(float(y.float().mean()), 1 - float(y.float().mean()))
     acc = {k: probe_accuracy(x[:, k], y, fold) for k in range(1, x.shape[1] - 1)}
     report = {"arch": a.arch, "bench": str(a.bench), "questions": len(y), "yes_rate": float(y.float().mean()),
