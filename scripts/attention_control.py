@@ -29,6 +29,11 @@ from mmeff.reference.scenes import make_scene
 from mmeff.reference.synthetic import MANIFEST, image_seed, pope_object
 
 
+def _visual_attention(attentions: tuple[torch.Tensor, ...], row: int, visual: torch.Tensor) -> torch.Tensor:
+    """[L, 256]: query ``row``'s attention over the visual tokens, per layer, mean over heads (batch of one)."""
+    return torch.stack([a[0, :, row, :].float().mean(0)[visual] for a in attentions])
+
+
 def _ratio(att: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[L, 256] head-mean attention over the visual tokens -> [L + 1]: per layer, then over the layer-mean attention
     (the criterion's number), each the mean on ``mask`` over the mean on all visual tokens."""
@@ -78,16 +83,13 @@ def main() -> None:
         visual = inputs["input_ids"][0] == model.config.image_token_id
         after = int(torch.nonzero(visual).max()) + 1
 
-        def att(row: int, vis: torch.Tensor = visual, attentions: tuple = out.attentions) -> torch.Tensor:
-            return torch.stack([x[0, :, row, :].float().mean(0)[vis] for x in attentions])
-
-        last = att(-1)
+        name = _last_position(inputs["input_ids"][0], processor.tokenizer.encode(" " + asked, add_special_tokens=False))
+        last, first, word = (_visual_attention(out.attentions, r, visual) for r in (-1, after, name))
         rows["last token, asked object"].append(_ratio(last, m_asked))
         rows["last token, other present object"].append(_ratio(last, m_other))
-        rows["first token after the image, asked object"].append(_ratio(att(after), m_asked))
-        name = _last_position(inputs["input_ids"][0], processor.tokenizer.encode(" " + asked, add_special_tokens=False))
-        rows["asked object's name in the question, asked object"].append(_ratio(att(name), m_asked))
-        rows["asked object's name, other present object"].append(_ratio(att(name), m_other))
+        rows["first token after the image, asked object"].append(_ratio(first, m_asked))
+        rows["asked object's name in the question, asked object"].append(_ratio(word, m_asked))
+        rows["asked object's name, other present object"].append(_ratio(word, m_other))
     report = {"arch": a.arch, "bench": str(a.bench), "questions": len(rows["last token, asked object"])}
     for name, v in rows.items():
         r = torch.stack(v).mean(0)
