@@ -4,8 +4,9 @@
 visual tokens by its mean over all visual tokens; objects draw more attention than background whatever is asked.
 This adds controls on the same POPE "yes" questions (images with a second category present): the same ratio for
 the cells of *another* present object (not asked), for the first text token after the image (it has not read the
-question yet), and for the asked object's name in the question (its last token). Selection shows as
-asked >> other; objectness as asked ~ other > 1.
+question yet), for the asked object's name in the question (its last token), and for every token of the prompt's
+tail from the question mark on (the same tokens for every question). Selection shows as asked >> other;
+objectness as asked ~ other > 1.
 
     python scripts/attention_control.py --arch llava --bench BENCH_DIR [--n 50] [--json OUT.json]
 """
@@ -63,6 +64,8 @@ def main() -> None:
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in (
         "last token, asked object", "last token, other present object", "first token after the image, asked object",
         "asked object's name in the question, asked object", "asked object's name, other present object")}
+    tail: dict[int, list[torch.Tensor]] = {}  # offset from the prompt's end -> [asked, other] per question
+    tokens: dict[int, str] = {}
     for q in load_questions(a.bench / "pope" / "coco_pope_random.json"):
         if len(rows["last token, asked object"]) == a.n:
             break
@@ -90,11 +93,22 @@ def main() -> None:
         rows["first token after the image, asked object"].append(_ratio(first, m_asked))
         rows["asked object's name in the question, asked object"].append(_ratio(word, m_asked))
         rows["asked object's name, other present object"].append(_ratio(word, m_other))
+        ids = inputs["input_ids"][0]
+        for pos in range(_last_position(ids, processor.tokenizer.encode("?", add_special_tokens=False)), len(ids)):
+            att = _visual_attention(out.attentions, pos, visual)  # same prompt tail for every question
+            pair = torch.stack([_ratio(att, m_asked)[-1], _ratio(att, m_other)[-1]])
+            tail.setdefault(pos - len(ids), []).append(pair)
+            tokens[pos - len(ids)] = processor.tokenizer.convert_ids_to_tokens([int(ids[pos])])[0]
     report = {"arch": a.arch, "bench": str(a.bench), "questions": len(rows["last token, asked object"])}
     for name, v in rows.items():
         r = torch.stack(v).mean(0)
         report[name] = {"ratio": float(r[-1]), "per_layer": [round(float(x), 3) for x in r[:-1]]}
         print(f"{a.arch:8s} {name:42s} {float(r[-1]):.2f}  per layer " + " ".join(f"{x:.2f}" for x in r[:-1].tolist()))
+    report["prompt tail, asked / other object"] = {}
+    for off in sorted(tail):
+        asked_r, other_r = torch.stack(tail[off]).mean(0).tolist()
+        report["prompt tail, asked / other object"][f"{off} {tokens[off]!r}"] = [round(asked_r, 3), round(other_r, 3)]
+        print(f"{a.arch:8s} prompt tail {off:+d} {tokens[off]!r:16s} asked {asked_r:.2f}  other {other_r:.2f}")
     if a.json:
         a.json.write_text(json.dumps(report, indent=1) + "\n")
 
