@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff.evaluation.pope import load_questions
+from mmeff.evaluation.runner import read_log
 from mmeff.reference.scenes import make_scene
 from mmeff.reference.synthetic import MANIFEST, image_seed, pope_object
 from mmeff.reference.vocab import twin_of
@@ -22,10 +23,10 @@ def main(bench: str, samples: str) -> None:
     manifest = json.loads((Path(bench) / MANIFEST).read_text())
     glyphs = manifest["params"]["glyphs"]
     for split in ("random", "popular", "adversarial"):
-        answers = {}
-        for line in (Path(samples) / f"pope_{split}.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            answers[str(row["id"])] = row["answer"].strip().lower().startswith("yes")
+        log = Path(samples) / f"pope_{split}.jsonl"
+        answers = {i: r["answer"].strip().lower().startswith("yes") for i, r in read_log(log).items()}
+        if not answers:
+            raise SystemExit(f"{log}: no sample log (run mmeff eval with --log-samples)")
         counts = {True: [0, 0], False: [0, 0]}  # twin present -> [false yes, negatives]
         for q in load_questions(Path(bench) / "pope" / f"coco_pope_{split}.json"):
             if q.label != "no" or str(q.question_id) not in answers:
