@@ -19,9 +19,9 @@ import time
 import torch
 
 import mmeff
-from mmeff.cache import cache_kwarg, cache_nbytes, find_cache
-from mmeff.evaluation import speed
-from mmeff.models import adapter_for
+from mmeff.engine.cache import cache_kwarg, cache_nbytes, find_cache
+from mmeff.families import adapter_for
+from mmeff_lab.evaluation import speed
 
 
 def copy_bandwidth(device: torch.device) -> float:

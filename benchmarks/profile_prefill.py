@@ -22,8 +22,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mmeff
-from mmeff.cache import cache_kwarg, find_cache
-from mmeff.evaluation import speed
+from mmeff.engine.cache import cache_kwarg, find_cache
+from mmeff_lab.evaluation import speed
 
 
 def prefill(model: torch.nn.Module, inputs: dict) -> None:
@@ -119,7 +119,7 @@ def main() -> None:
     if args.model in speed.architectures():
         net = speed.build_random(args.model, args.device, dtype)
     else:  # a local or shipped model (e.g. reference-llava): handy to try the script on CPU
-        from mmeff.models.loading import load_model
+        from mmeff_lab.models.loading import load_model
 
         net = load_model(args.model, device=args.device, dtype=dtype)[0]
     inputs = speed.synth_inputs(net, args.batch_size, args.images)

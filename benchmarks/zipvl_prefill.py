@@ -22,8 +22,8 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import mmeff
+import mmeff.families
 import mmeff.methods.zipvl
-import mmeff.models
 
 
 def build(tiny: bool, device: str) -> LlavaForConditionalGeneration:
@@ -70,7 +70,7 @@ def inputs_for(model: LlavaForConditionalGeneration, images: int, device: str) -
 def memory_trace(model, inputs) -> dict[str, float]:
     """GiB, one prefill: memory held when each decoder layer starts (growth = what the cache keeps) and the
     largest transient inside one layer (peak during it minus what it started with)."""
-    layers = mmeff.models.adapter_for(model).layers
+    layers = mmeff.families.adapter_for(model).layers
     start: list[float] = []
     transient: list[float] = []
 

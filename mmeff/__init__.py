@@ -16,7 +16,7 @@ from mmeff.errors import (
 )
 from mmeff.methods.fastv import FastVConfig
 from mmeff.methods.none import NoneConfig
-from mmeff.methods.vflowopt import VFlowOptConfig
+from mmeff.methods.vflowopt.method import VFlowOptConfig
 from mmeff.presets import available_presets
 
 __version__ = "0.1.0"

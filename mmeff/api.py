@@ -10,11 +10,11 @@ from torch import nn
 
 import mmeff.methods  # noqa: F401  (registers the built-in methods)
 from mmeff.config import MethodConfig, lookup
+from mmeff.engine.pipeline import Pipeline
+from mmeff.engine.static_decode import check_device
 from mmeff.errors import MmeffError
-from mmeff.models import adapter_for
-from mmeff.pipeline import Pipeline
+from mmeff.families import adapter_for
 from mmeff.presets import resolve
-from mmeff.static_decode import check_device
 
 _HANDLES: WeakKeyDictionary[nn.Module, Handle] = WeakKeyDictionary()
 
@@ -68,7 +68,7 @@ def wrap(
     ``model(...)`` / ``model.generate(...)`` as before; ``mmeff.unwrap(model)`` restores the original.
 
     ``cuda_graphs=True``: decode steps read a preallocated KV cache and replay one CUDA graph per token
-    (:mod:`mmeff.static_decode`; the model must sit on one CUDA device, and every method be graphable).
+    (:mod:`mmeff.engine.static_decode`; the model must sit on one CUDA device, and every method be graphable).
     """
     if model in _HANDLES:
         raise MmeffError("this model is already wrapped; call mmeff.unwrap(model) first")

@@ -1,6 +1,6 @@
 """Method configs and the method registry.
 
-A method is a frozen dataclass config plus one :class:`~mmeff.methods.base.Method` subclass, bound together by
+A method is a frozen dataclass config plus one :class:`~mmeff.engine.method.Method` subclass, bound together by
 :func:`register_method` (peft's ``register_peft_method`` pattern). Registration rejects duplicate names; looking
 up an unknown name raises an error that lists the known ones.
 """
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from mmeff.errors import ConfigError, UnknownPresetError
 
 if TYPE_CHECKING:
-    from mmeff.methods.base import Method
+    from mmeff.engine.method import Method
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmeff.evaluation.pope import load_questions
-from mmeff.evaluation.tasks import POPE_SUFFIX
-from mmeff.methods.dyvte import router_features, text_after_image
-from mmeff.reference.model import chat_prompt, load_reference
+from mmeff.methods.dyvte.method import router_features, text_after_image
+from mmeff_lab.evaluation.pope import load_questions
+from mmeff_lab.evaluation.tasks import POPE_SUFFIX
+from mmeff_lab.reference.model import chat_prompt, load_reference
 
 
 @torch.no_grad()

@@ -23,11 +23,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmeff.evaluation.pope import load_questions
-from mmeff.evaluation.tasks import POPE_SUFFIX
-from mmeff.reference.model import chat_prompt, load_reference, object_token_mask
-from mmeff.reference.scenes import make_scene
-from mmeff.reference.synthetic import MANIFEST, image_seed, pope_object
+from mmeff_lab.evaluation.pope import load_questions
+from mmeff_lab.evaluation.tasks import POPE_SUFFIX
+from mmeff_lab.reference.model import chat_prompt, load_reference, object_token_mask
+from mmeff_lab.reference.scenes import make_scene
+from mmeff_lab.reference.synthetic import MANIFEST, image_seed, pope_object
 
 
 def _visual_attention(attentions: tuple[torch.Tensor, ...], row: int, visual: torch.Tensor) -> torch.Tensor:

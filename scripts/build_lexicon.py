@@ -1,4 +1,4 @@
-"""Build the offline NLP data that `mmeff.evaluation.nlp` ships, so CHAIR needs no nltk download.
+"""Build the offline NLP data that `mmeff_lab.evaluation.nlp` ships, so CHAIR needs no nltk download.
 
 Writes two files into ``mmeff/evaluation/data/`` (atomically):
 

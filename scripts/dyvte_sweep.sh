@@ -15,8 +15,8 @@ for t in 0.5 0.7 0.9 0.97; do
     "$n" "$t" "$t" "$PWD/.carry/heads12/dyvte.safetensors" > $R/$n.toml
   P=$P,$R/$n.toml
 done
-DEVB=$(python -c "from mmeff.reference.synthetic import ensure_benchmarks as e, HELDOUT_SEED_BASE as B
+DEVB=$(python -c "from mmeff_lab.reference.synthetic import ensure_benchmarks as e, HELDOUT_SEED_BASE as B
 print(e('out/devbench', n_pope_images=100, n_chair_images=100, n_mme_images=50, seed_base=B + 100_000_000))")
-E="python -m mmeff.cli eval --model .carry/llava12/model --limit 300 --device ${DEVICE:-cuda} --batch-size 64 --no-progress"
+E="python -m mmeff_lab.cli eval --model .carry/llava12/model --limit 300 --device ${DEVICE:-cuda} --batch-size 64 --no-progress"
 $E --data "$DEVB" --tasks pope_random,pope_adversarial,mme --preset "$P" --output $R/dev 2>&1 | grep -v "Loading weights" | head -n 12
 $E --tasks pope,mme --preset "$P" --output $R/test 2>&1 | grep -v "Loading weights" | head -n 12

@@ -22,13 +22,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmeff.evaluation.chair import evaluate_chair
-from mmeff.evaluation.mme import MMEResult, load_mme, mme_scores
-from mmeff.evaluation.pope import load_questions, pope_metrics
-from mmeff.evaluation.tasks import CHAIR_PROMPT, POPE_SUFFIX
-from mmeff.reference.model import chat_prompt, load_reference, object_attention_ratio
-from mmeff.reference.scenes import make_scene
-from mmeff.reference.synthetic import (
+from mmeff_lab.evaluation.chair import evaluate_chair
+from mmeff_lab.evaluation.mme import MMEResult, load_mme, mme_scores
+from mmeff_lab.evaluation.pope import load_questions, pope_metrics
+from mmeff_lab.evaluation.tasks import CHAIR_PROMPT, POPE_SUFFIX
+from mmeff_lab.reference.model import chat_prompt, load_reference, object_attention_ratio
+from mmeff_lab.reference.scenes import make_scene
+from mmeff_lab.reference.synthetic import (
     MANIFEST,
     MME_SUBTASKS,
     POPE_STRATEGIES,

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmeff.evaluation.runner import read_log
+from mmeff_lab.evaluation.runner import read_log
 
 
 def write_exit_presets(folder: Path, layers: int) -> list[Path]:

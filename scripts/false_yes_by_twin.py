@@ -12,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmeff.evaluation.pope import load_questions
-from mmeff.evaluation.runner import read_log
-from mmeff.reference.scenes import make_scene
-from mmeff.reference.synthetic import MANIFEST, image_seed, pope_object
-from mmeff.reference.vocab import twin_of
+from mmeff_lab.evaluation.pope import load_questions
+from mmeff_lab.evaluation.runner import read_log
+from mmeff_lab.reference.scenes import make_scene
+from mmeff_lab.reference.synthetic import MANIFEST, image_seed, pope_object
+from mmeff_lab.reference.vocab import twin_of
 
 
 def main(bench: str, samples: str) -> None:

@@ -22,9 +22,9 @@ train)
 eval)
   M=out/deep/llava12/model; [ -d $M ] || M=.carry/llava12/model
   trap 'tar czf "$O/deep_eval.tgz" -C out/deep --exclude llava12 . && ls -la "$O/deep_eval.tgz"' EXIT
-  BENCH=$(python -c "from mmeff.reference.synthetic import ensure_benchmarks as e, HELDOUT_SEED_BASE as B
+  BENCH=$(python -c "from mmeff_lab.reference.synthetic import ensure_benchmarks as e, HELDOUT_SEED_BASE as B
 print(e('out/devbench', n_pope_images=${POPE_IMAGES:-100}, n_chair_images=${CHAIR_IMAGES:-100}, n_mme_images=${MME_IMAGES:-50}, seed_base=B + 100_000_000))")
-  E="python -m mmeff.cli eval --data $BENCH --limit $LIMIT --device $DEV --batch-size $BATCH --no-progress"
+  E="python -m mmeff_lab.cli eval --data $BENCH --limit $LIMIT --device $DEV --batch-size $BATCH --no-progress"
   for spec in "llava12 $M 12" "llava6 mmeff/reference/weights/llava 6"; do
     set -- $spec
     $E --model "$2" --tasks pope,mme,chair --preset none,vflowopt-75,vflowopt-90 --chair-max-new-tokens 128 \
@@ -38,13 +38,13 @@ heads)  # DyVTE routers + explain mapper for the 12-layer model, then the issue-
   M=out/deep/llava12/model; [ -d $M ] || M=.carry/llava12/model
   H=out/deep/heads12; mkdir -p $H
   trap 'tar czf "$O/heads12.tgz" -C out/deep heads12 && ls -la "$O/heads12.tgz"' EXIT
-  timeout ${DYVTE_S:-330} python -m mmeff.cli train dyvte --model $M --steps ${STEPS:-400} --batch-size ${HBATCH:-32} \
+  timeout ${DYVTE_S:-330} python -m mmeff_lab.cli train dyvte --model $M --steps ${STEPS:-400} --batch-size ${HBATCH:-32} \
     --width 512 --lr 2e-4 --abs-tol 0.02 --device "$DEV" --output $H 2>&1 | grep -v "Loading weights" | tail -n 25
-  python -m mmeff.cli train explain --model $M --samples ${SAMPLES:-256} --steps 500 --device "$DEV" --output $H \
+  python -m mmeff_lab.cli train explain --model $M --samples ${SAMPLES:-256} --steps 500 --device "$DEV" --output $H \
     2>&1 | grep -v "Loading weights" | tail -n 8
   printf '[fastv-12-50]\ndescription = "FastV K=2, ratio 0.6: 50%% removed on average over 12 layers"\nmethod = "fastv"\nk = 2\nratio = 0.6\n' > $H/fastv-12-50.toml
   P=none,$H/fastv-12-50.toml; for f in dyvte explain-50 explain-75 explain-90; do [ -f $H/$f.toml ] && P=$P,$H/$f.toml; done
-  python -m mmeff.cli eval --model $M --tasks pope,mme --limit $LIMIT --device $DEV --batch-size $BATCH --no-progress \
+  python -m mmeff_lab.cli eval --model $M --tasks pope,mme --limit $LIMIT --device $DEV --batch-size $BATCH --no-progress \
     --preset "$P,vflowopt-50,vflowopt-90" --output $H/test_trained 2>&1 | grep -v "Loading weights" | head -n 16 ;;
 *) echo "usage: gpu_deep.sh train|eval|heads"; exit 2 ;;
 esac

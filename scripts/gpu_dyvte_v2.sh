@@ -8,9 +8,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OMP_NUM_THREADS=4
 source scripts/gpu_wheels.sh
 END=$((SECONDS + ${BUDGET_S:-560})); R=out/dyvte_v2; P=benchmarks/presets; rm -rf $R; mkdir -p $R  # a fresh run
 trap 'tar czf "${OUT:-/tmp/out}/dyvte_v2.tgz" -C out dyvte_v2' EXIT
-python3 -c "from mmeff.reference.synthetic import ensure_benchmarks as e; print(e())" || exit 1
+python3 -c "from mmeff_lab.reference.synthetic import ensure_benchmarks as e; print(e())" || exit 1
 X=$(python3 scripts/exit_oracle.py write $R/exits 6)
-E="python3 -m mmeff.cli eval --device ${DEVICE:-cuda} --batch-size 64 --no-progress --n-boot 500 --tasks pope,mme --log-samples"
+E="python3 -m mmeff_lab.cli eval --device ${DEVICE:-cuda} --batch-size 64 --no-progress --n-boot 500 --tasks pope,mme --log-samples"
 table() {  # table NAME MODEL PRESETS
   timeout $((END - SECONDS)) $E --model "$2" --limit "${LIMIT:-500}" --output $R/$1 --preset "$3" > $R/$1.log 2>&1
   echo "[$SECONDS s] $1 rc=$?"; python3 scripts/exit_oracle.py report $R/$1 6 > $R/$1.oracle.txt 2>&1

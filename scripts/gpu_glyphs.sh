@@ -13,7 +13,7 @@ O=${OUT:-/tmp/out}; mkdir -p "$O" out/gly
 RUNS=${RUNS:-llava:twins-accent llava:twins-pattern qwen2vl:twins-accent}; DEV=${DEVICE:-cuda}; MIN=${MINUTES:-5.5}
 P=${P_HALLUC:-0.2}
 STYLES=$(for r in $RUNS; do echo "${r#*:}"; done | sort -u)
-bench() { echo "from mmeff.reference.synthetic import ensure_benchmarks as e, HELDOUT_SEED_BASE as B
+bench() { echo "from mmeff_lab.reference.synthetic import ensure_benchmarks as e, HELDOUT_SEED_BASE as B
 print(e('out/devbench', n_pope_images=${POPE_IMAGES:-500}, n_chair_images=100, n_mme_images=50,
         seed_base=B + 100_000_000, glyphs='$1'))"; }
 for s in $STYLES; do python -c "$(bench "$s")" > "out/gly/bench_$s.log" 2>&1 & done  # CPU, while the GPU trains

@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 R=out/graphs; mkdir -p $R
 trap 'tar czf "${OUT:-/tmp/out}/graphs.tgz" -C out graphs' EXIT
 bench() {  # name, model, batch, extra args
-  python3 -m mmeff.cli bench --model $2 --batch-size $3 --repeats 3 --warmup 1 --new-tokens ${NEW_TOKENS:-64} \
+  python3 -m mmeff_lab.cli bench --model $2 --batch-size $3 --repeats 3 --warmup 1 --new-tokens ${NEW_TOKENS:-64} \
     --cuda-graphs both --output $R/$1 "${@:4}" > $R/$1.log 2>&1
   cat $R/$1/bench.md 2>/dev/null || tail -20 $R/$1.log
 }
@@ -23,10 +23,10 @@ for step in ${STEPS:-tests step llava1 qwen1 next1 llava16 long}; do
     qwen1) bench qwen1 qwen2-vl-7b 1 --preset fastv,vflowopt-90 ;;
     next1) bench next1 llava-next-7b 1 --preset fastv,vflowopt-90 ;;
     llava16) bench llava16 llava-1.5-7b 16 --preset fastv,vflowopt-90 ;;
-    b1many) NEW_TOKENS=8 python3 -m mmeff.cli bench --model llava-1.5-7b --batch-size 1 --repeats 21 --warmup 3 \
+    b1many) NEW_TOKENS=8 python3 -m mmeff_lab.cli bench --model llava-1.5-7b --batch-size 1 --repeats 21 --warmup 3 \
               --new-tokens 8 --preset fastv,fastv-90,vflowopt-90 --output $R/b1many > $R/b1many.log 2>&1
             cat $R/b1many/bench.md ;;  # batch-1 prefill medians over 21 repeats (the host jitter is large)
-    b16many) python3 -m mmeff.cli bench --model llava-1.5-7b --batch-size 16 --repeats 9 --warmup 2 \
+    b16many) python3 -m mmeff_lab.cli bench --model llava-1.5-7b --batch-size 16 --repeats 9 --warmup 2 \
               --new-tokens 8 --preset fastv,fastv-90,vflowopt-90 --output $R/b16many > $R/b16many.log 2>&1
             cat $R/b16many/bench.md ;;
     long) NEW_TOKENS=512 bench long llava-1.5-7b 1 --preset vflowopt-90 ;;  # the buffers grow once (256 -> 512 decode columns)

@@ -8,7 +8,7 @@ source scripts/gpu_wheels.sh
 R=out/halluc; mkdir -p $R
 trap 'tar czf "${OUT:-/tmp/out}/halluc.tgz" -C out halluc' EXIT
 P=benchmarks/presets
-timeout ${BUDGET_S:-560} python3 -m mmeff.cli eval --model reference-llava --tasks chair,pope_adversarial \
+timeout ${BUDGET_S:-560} python3 -m mmeff_lab.cli eval --model reference-llava --tasks chair,pope_adversarial \
   --limit ${LIMIT:-500} --chair-max-new-tokens 96 --batch-size 100 --n-boot 1000 --device cuda --no-progress \
   --output $R/llava_halluc \
   --preset "vhr,fia,pai,vcd,$P/fia-code.toml,$P/vhr-a15.toml,$P/vhr-a125.toml,$P/fia-x2.toml" > $R/eval.log 2>&1

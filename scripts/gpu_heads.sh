@@ -13,7 +13,7 @@ step() {  # step NAME CMD...: run CMD with the time that is left, log to $R/NAME
   if [ $t -lt 30 ]; then echo "skipped $name (no time left)"; return; fi
   timeout $t "$@" > "$R/$name.log" 2>&1; echo "[$SECONDS s] $name rc=$?"; tail -c 1500 "$R/$name.log"; echo
 }
-T="python3 -m mmeff.cli train"
+T="python3 -m mmeff_lab.cli train"
 [ "${LLAVA:-1}" = 1 ] && step dyvte_llava $T dyvte --model reference-llava --steps ${STEPS:-600} --batch-size ${BATCH:-32} --width 512 \
   --lr ${LR:-2e-4} --abs-tol ${ABS_TOL:-0.02} --device cuda --output $R/llava
 step explain_qwen2vl $T explain --model ${QWEN:-reference-qwen2vl} --samples 256 --steps 500 --device cuda --output $R/qwen2vl

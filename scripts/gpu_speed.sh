@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 R=out/speed; mkdir -p $R
 trap 'tar czf "${OUT:-/tmp/out}/speed.tgz" -C out speed' EXIT
 P=${PRESETS:-fastv,fastv-90,vflowopt-90}
-B="python3 -m mmeff.cli bench --repeats 3 --warmup 1 --new-tokens 16"
+B="python3 -m mmeff_lab.cli bench --repeats 3 --warmup 1 --new-tokens 16"
 $B --model llava-1.5-7b --preset "$P" --batch-size 16,1 --output $R/llava15 > $R/llava15.log 2>&1; tail -22 $R/llava15.log
 for b in 16 1; do
   python3 benchmarks/profile_prefill.py --model llava-1.5-7b --preset none,fastv-90,vflowopt-90 --batch-size $b \

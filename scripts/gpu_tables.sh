@@ -15,18 +15,18 @@ step() {  # step NAME CMD...: run CMD with the time that is left, log to $R/NAME
   if [ $t -lt 20 ]; then echo "skipped $name (no time left)"; return; fi
   timeout $t "$@" > "$R/$name.log" 2>&1; echo "[$SECONDS s] $name rc=$?"; grep -v Warning "$R/$name.log" | tail -n 14
 }
-E="python3 -m mmeff.cli eval --device $DEVICE --batch-size 64 --no-progress --n-boot 200 --limit $LIMIT"
+E="python3 -m mmeff_lab.cli eval --device $DEVICE --batch-size 64 --no-progress --n-boot 200 --limit $LIMIT"
 P=benchmarks/presets
 heads() {  # heads ARCH: train the trained-pruner heads that are not shipped yet (reference TRAIN scenes)
   local H=mmeff/reference/heads/$1
-  [ -f $H/dyvte.safetensors ] || step heads_dyvte_$1 python3 -m mmeff.cli train dyvte --model reference-$1 \
+  [ -f $H/dyvte.safetensors ] || step heads_dyvte_$1 python3 -m mmeff_lab.cli train dyvte --model reference-$1 \
     --steps 600 --batch-size 8 --width 512 --device $DEVICE --output $H
-  [ -f $H/explain.safetensors ] || step heads_explain_$1 python3 -m mmeff.cli train explain --model reference-$1 \
+  [ -f $H/explain.safetensors ] || step heads_explain_$1 python3 -m mmeff_lab.cli train explain --model reference-$1 \
     --samples 256 --steps 500 --device $DEVICE --output $H
   mkdir -p $R/heads/$1 && cp $H/* $R/heads/$1/ 2>/dev/null
 }
 for b in 50 75 90; do
-  step tune$b python3 -m mmeff.cli tune vflowopt --model mmeff/reference/weights/llava --budget 0.$b --trials $TRIALS \
+  step tune$b python3 -m mmeff_lab.cli tune vflowopt --model mmeff/reference/weights/llava --budget 0.$b --trials $TRIALS \
     --samples 30 --batch-size 30 --timeout ${TUNE_S:-45} --device $DEVICE --output $R/vflowopt-$b-tuned.toml
 done
 # ablations of the tuned 90% preset: entropy off, recycling off (same kept-token count)

@@ -16,10 +16,10 @@ bg() {  # bg NAME CMD...: run CMD in the background within the time that is left
   local name=$1; shift
   ( timeout "$(left)" "$@" > "$R/$name.log" 2>&1; echo "[$SECONDS s] $name rc=$?" ) &
 }
-python3 -c "from mmeff.reference.synthetic import ensure_benchmarks as e; print(e())" || exit 1  # once, not per eval
-E="python3 -m mmeff.cli eval --device cuda --batch-size 64 --no-progress --n-boot 200"
+python3 -c "from mmeff_lab.reference.synthetic import ensure_benchmarks as e; print(e())" || exit 1  # once, not per eval
+E="python3 -m mmeff_lab.cli eval --device cuda --batch-size 64 --no-progress --n-boot 200"
 P=benchmarks/presets
-T="python3 -m mmeff.cli train"
+T="python3 -m mmeff_lab.cli train"
 if [[ " ${STAGES:-A B} " == *" A "* ]]; then
   for m in llava qwen2vl; do
     bg dyvte_$m $T dyvte --model reference-$m --steps ${STEPS:-500} --batch-size 32 --width 512 --lr 2e-4 \

@@ -17,7 +17,7 @@ P=${P_HALLUC:-0.2}; DATA=out/data_inline_$P; DEV=${DEVICE:-cuda}; TAG=${TAG:-}; 
 T="python scripts/train_reference.py --device $DEV --data $DATA --minutes $MIN --total-minutes $MIN \
  --lr ${LR:-5e-4} --warmup-steps 100"
 ROPE100='{"rope_parameters": {"rope_type": "default", "rope_theta": 100.0, "mrope_section": [8, 12, 12]}}'
-DEVB="from mmeff.reference.synthetic import ensure_benchmarks as e, HELDOUT_SEED_BASE as B
+DEVB="from mmeff_lab.reference.synthetic import ensure_benchmarks as e, HELDOUT_SEED_BASE as B
 print(e('out/devbench', n_pope_images=${POPE_IMAGES:-100}, n_chair_images=100, n_mme_images=50,
         seed_base=B + 100_000_000))"
 python -c "$DEVB" > out/var/devbench.log 2>&1 &  # rendered on the CPU while the GPU trains

@@ -17,7 +17,7 @@ for step in ${STEPS:-tests kernel profile prefill bench}; do
     prefill) for n in ${IMAGES:-28 112}; do
                OUT=$R python3 benchmarks/zipvl_prefill.py --images $n --repeats 2 --tau ${TAUS:-0.975,0.5,0.3} 2>&1 | tail -6
              done ;;
-    bench) python3 -m mmeff.cli bench --model llava-1.5-7b --images ${BENCH_IMAGES:-28} --batch-size 1 --repeats 3 --warmup 1 \
+    bench) python3 -m mmeff_lab.cli bench --model llava-1.5-7b --images ${BENCH_IMAGES:-28} --batch-size 1 --repeats 3 --warmup 1 \
              --new-tokens ${NEW_TOKENS:-64} \
              --preset zipvl,benchmarks/presets/zipvl-t50.toml,benchmarks/presets/zipvl-t50-materialised.toml,benchmarks/presets/zipvl-t30.toml \
              --output $R/bench${BENCH_IMAGES:-28} > $R/bench.log 2>&1; cat $R/bench${BENCH_IMAGES:-28}/bench.md ;;

@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmeff.reference.model import ARCHS
-from mmeff.reference.scenes import DEFAULT_GLYPHS
-from mmeff.reference.training import TrainConfig, prepare_data, train
-from mmeff.reference.vocab import GLYPH_STYLES
+from mmeff_lab.reference.model import ARCHS
+from mmeff_lab.reference.scenes import DEFAULT_GLYPHS
+from mmeff_lab.reference.training import TrainConfig, prepare_data, train
+from mmeff_lab.reference.vocab import GLYPH_STYLES
 
 
 def main(argv: list[str] | None = None) -> None:

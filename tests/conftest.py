@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmeff.models.factory import FAMILIES, build_tiny, load_tiny
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from mmeff_lab.models.factory import FAMILIES, build_tiny, load_tiny
 
 
 @pytest.fixture(scope="session")

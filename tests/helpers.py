@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from mmeff.models import adapter_for
+from mmeff.families import adapter_for
 
 
 @torch.no_grad()

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import mmeff
+from mmeff.engine.method import Method, Point
+from mmeff.engine.pipeline import Pipeline
+from mmeff.families import adapter_for
 from mmeff.kernels.attention_stats import received_attention_reference, triton_available
-from mmeff.methods.base import Method, Point
 from mmeff.methods.fastv import FastVConfig
-from mmeff.models import adapter_for
-from mmeff.models.factory import FAMILIES, load_tiny
-from mmeff.pipeline import Pipeline
+from mmeff_lab.models.factory import FAMILIES, load_tiny
 from tests.test_wrap import batch
 
 

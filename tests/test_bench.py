@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from mmeff.cli import app
-from mmeff.evaluation import speed
+from mmeff_lab.cli import app
+from mmeff_lab.evaluation import speed
 
 
 def test_architectures_are_listed():
@@ -45,8 +45,8 @@ def test_bench_cli_on_cpu(tmp_path):
 def test_bench_synthesises_inputs_for_every_family(tiny_model_dir):
     import torch
 
-    from mmeff.models import adapter_for
-    from mmeff.models.factory import FAMILIES, load_tiny
+    from mmeff.families import adapter_for
+    from mmeff_lab.models.factory import FAMILIES, load_tiny
 
     for family in FAMILIES:
         model, _ = load_tiny(tiny_model_dir(family))

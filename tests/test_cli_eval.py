@@ -17,11 +17,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmeff.cli import app
-from mmeff.evaluation.results import strip_timing
-from mmeff.evaluation.tasks import parse_tasks
-from mmeff.models.loading import ModelLoadError, ensure_tiny, load_model
-from mmeff.reference.synthetic import ensure_benchmarks
+from mmeff_lab.cli import app
+from mmeff_lab.evaluation.results import strip_timing
+from mmeff_lab.evaluation.tasks import parse_tasks
+from mmeff_lab.models.loading import ModelLoadError, ensure_tiny, load_model
+from mmeff_lab.reference.synthetic import ensure_benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -100,7 +100,7 @@ def test_results_files_and_schema(reference):
 
 def test_kill_and_resume_equals_uninterrupted(llava, bench, reference, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mmeff.cli", *eval_args(llava, bench, out)]
+    cmd = [sys.executable, "-m", "mmeff_lab.cli", *eval_args(llava, bench, out)]
     proc = subprocess.Popen(cmd, env=sub_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = out / "samples" / "none" / "pope_random.jsonl"
     deadline = time.monotonic() + 120
@@ -138,7 +138,7 @@ def test_two_processes_give_single_process_numbers(llava, bench, reference, tmp_
     out = tmp_path / "dp"
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "mmeff.cli", *eval_args(llava, bench, out)]
+           "-m", "mmeff_lab.cli", *eval_args(llava, bench, out)]
     proc = subprocess.run(cmd, env=sub_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = strip_timing(json.loads((out / "results.json").read_text()))
@@ -186,7 +186,7 @@ def test_bad_inputs(tmp_path, bench, llava):
 
 
 def test_graphs_only_for_presets_that_allow_them():
-    from mmeff.evaluation.runner import graphable
+    from mmeff_lab.evaluation.runner import graphable
 
     assert all(graphable(p, "llava") for p in ("none", "fastv", "vflowopt-90", "dyvte", "explain-50"))
     assert not any(graphable(p, "llava") for p in ("var", "zipvl", "vcd", "pai", "vhr", "fia", "fastv+vcd"))
@@ -211,8 +211,8 @@ def test_qwen_processor_without_video_config_even_with_torchvision(monkeypatch):
     # silently hand back the bare tokenizer (seen on transformers 5.17); the loader must give the image processor
     import transformers.utils
 
-    from mmeff.models.factory import Qwen2VLProcessorNoVideo
-    from mmeff.models.loading import _load_processor, resolve_spec
+    from mmeff_lab.models.factory import Qwen2VLProcessorNoVideo
+    from mmeff_lab.models.loading import _load_processor, resolve_spec
 
     monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
     processor = _load_processor(resolve_spec("reference-qwen2vl"), "qwen2_vl")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mmeff.cli import app
-from mmeff.reference.synthetic import ensure_benchmarks
+from mmeff_lab.cli import app
+from mmeff_lab.reference.synthetic import ensure_benchmarks
 
 runner = CliRunner()
 

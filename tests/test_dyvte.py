@@ -8,12 +8,12 @@ import torch
 
 import mmeff
 from mmeff.errors import ConfigError
-from mmeff.methods.dyvte import DyVTE, DyVTERouters, router_features, text_after_image
-from mmeff.models import adapter_for
-from mmeff.models.factory import load_tiny
-from mmeff.training.data import make_batch, synthetic_examples
-from mmeff.training.dyvte import exit_labels, head_tensors, train_dyvte
-from mmeff.training.heads import save_head
+from mmeff.families import adapter_for
+from mmeff.heads import save_head
+from mmeff.methods.dyvte.method import DyVTE, DyVTERouters, router_features, text_after_image
+from mmeff.methods.dyvte.train import exit_labels, head_tensors, train_dyvte
+from mmeff_lab.models.factory import load_tiny
+from mmeff_lab.training.data import make_batch, synthetic_examples
 from tests.helpers import greedy_recompute
 from tests.test_wrap import batch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmeff.evaluation.bootstrap import (
+from mmeff_lab.evaluation.bootstrap import (
     chair_i_metric,
     mean_metric,
     mme_total_metric,

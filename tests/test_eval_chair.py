@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from mmeff.evaluation.chair import (
+from mmeff_lab.evaluation._io import shipped_path
+from mmeff_lab.evaluation.chair import (
     caption_to_words,
     evaluate_chair,
     load_captions,
     load_ground_truth,
     load_synonyms,
 )
-from mmeff.evaluation.errors import DataError
-from mmeff.evaluation.nlp import lemmatize_noun, word_tokenize
+from mmeff_lab.evaluation.errors import DataError
+from mmeff_lab.evaluation.nlp import lemmatize_noun, word_tokenize
 
-SHARED = Path(__file__).parents[1].parent / "shared" / "data"
+# SHA-256 of the CHAIR files as released (synonyms: LisaAnne/Hallucination via OPERA chair.py; object sets:
+# Maxlinn/CHAIR-metric-standalone chair.pkl at 640c507; evaluation/data/PROVENANCE.md), shipped byte for byte.
+OFFICIAL_SHA256 = {
+    "synonyms.txt": "5c48c8d0cdde7814d502c814612e8cf38d1f53eb54630fb56e278dab420d21cd",
+    "coco2014_image_objects.json.gz": "db8bc743ec39bd05031523ba304b5bddd414c9a1bbe242bcac86acf2fba847d7",
+}
 # (word -> lemma) from nltk 3.10 WordNetLemmatizer().lemmatize(w) over Debian wordnet-base (WordNet 3.0):
 # every word of the synonym list, its plural-looking forms, the caption words below and common nouns.
 PAIRS = json.loads((Path(__file__).parent / "fixtures_eval" / "wordnet_noun_pairs.json").read_text())
@@ -72,10 +79,12 @@ def test_word_tokenize_like_nltk() -> None:
     assert word_tokenize("a cat. a dog.") == ["a", "cat", ".", "a", "dog", "."]
 
 
-def test_shipped_data_equals_shared() -> None:
-    assert load_synonyms() == load_synonyms(SHARED / "chair" / "synonyms.txt")
+def test_shipped_data_is_the_released_data() -> None:
+    for name, digest in OFFICIAL_SHA256.items():
+        assert hashlib.sha256(shipped_path(name).read_bytes()).hexdigest() == digest
+    assert len(set(load_synonyms().values())) == 80
     gt = load_ground_truth()
-    with gzip.open(SHARED / "chair" / "coco2014_image_objects.json.gz", "rt") as f:
+    with gzip.open(shipped_path("coco2014_image_objects.json.gz"), "rt") as f:
         raw = json.load(f)
     assert len(gt) == len(raw) == 123287 and gt[1290] == frozenset(raw["1290"])
 
@@ -138,7 +147,7 @@ def test_captions_files_and_errors(tmp_path: Path) -> None:
 
 
 def test_ground_truth_from_coco_files(tmp_path: Path) -> None:
-    from mmeff.evaluation.chair import ground_truth_from_coco
+    from mmeff_lab.evaluation.chair import ground_truth_from_coco
 
     inst = {"images": [{"id": 5}, {"id": 6}], "categories": [{"id": 18, "name": "dog"}, {"id": 67,
             "name": "dining table"}], "annotations": [{"id": 1, "image_id": 5, "category_id": 18, "bbox": [0, 0, 1, 1],

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmeff.evaluation.errors import DataError
-from mmeff.evaluation.mme import (
+from mmeff_lab.evaluation.errors import DataError
+from mmeff_lab.evaluation.mme import (
     load_mme,
     load_results_dir,
     load_template,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from mmeff.evaluation.errors import DataError
-from mmeff.evaluation.pope import (
+from mmeff_lab.evaluation._io import shipped_path
+from mmeff_lab.evaluation.errors import DataError
+from mmeff_lab.evaluation.pope import (
     POPE_SPLITS,
     load_answers,
     load_questions,
@@ -19,14 +21,24 @@ from mmeff.evaluation.pope import (
     resolve_images,
 )
 
-SHARED = Path(__file__).parents[1].parent / "shared" / "data"
+# SHA-256 of the official question files (AoiDragon/POPE output/coco/ at 08d957b; md5 in evaluation/data/PROVENANCE.md),
+# which the package ships byte for byte.
+OFFICIAL_SHA256 = {
+    "pope_random": "ac25245170b975a5bdf9080b23fd431dfe6be458bc038259c1f4f09a6bef7994",
+    "pope_popular": "72c1a8ad45d0c13514f5f22598261df41d3b533854d29682e924db50ed8aa753",
+    "pope_adversarial": "420b3407db1fa9f1187a805dca41cb7b97fd91504e6c2179706188c107fb8ef8",
+}
+
+
+def _official(split: str) -> Path:
+    return shipped_path(POPE_SPLITS[split])
 
 
 @pytest.mark.parametrize("split", list(POPE_SPLITS))
-def test_shipped_split_equals_real_file(split: str) -> None:
-    shipped = load_split(split)
-    real = load_questions(SHARED / "pope" / POPE_SPLITS[split])
-    assert shipped == real
+def test_shipped_split_is_the_official_file(split: str) -> None:
+    assert hashlib.sha256(_official(split).read_bytes()).hexdigest() == OFFICIAL_SHA256[split]
+    real = load_questions(_official(split))
+    assert load_split(split) == real
     assert len(real) == 3000 and sum(q.label == "yes" for q in real) == 1500
     assert len({q.image for q in real}) == 500
     assert real[0].question_id == 1 and real[0].image == "COCO_val2014_000000310196.jpg"
@@ -45,7 +57,7 @@ def test_llava_parser(text: str, expected: str) -> None:
 def test_metrics_on_real_files_with_fixed_pattern() -> None:
     # Pattern: every 4th question answered wrongly, the rest correctly.
     for split in POPE_SPLITS:
-        qs = load_questions(SHARED / "pope" / POPE_SPLITS[split])
+        qs = load_questions(_official(split))
         preds = [("no" if q.label == "yes" else "Yes, there is.") if i % 4 == 0 else
                  ("Yes" if q.label == "yes" else "No, there is not.") for i, q in enumerate(qs)]
         yes_flipped = sum(1 for i, q in enumerate(qs) if i % 4 == 0 and q.label == "yes")
@@ -78,7 +90,7 @@ def test_metrics_small_hand_example() -> None:
 
 
 def test_truncated_line_names_file_and_line(tmp_path: Path) -> None:
-    lines = (SHARED / "pope" / "coco_pope_random.json").read_text().splitlines()[:5]
+    lines = _official("pope_random").read_text().splitlines()[:5]
     lines[3] = lines[3][:40]
     bad = tmp_path / "q.json"
     bad.write_text("\n".join(lines) + "\n")

@@ -9,8 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 import mmeff
-from mmeff.cli import app
-from mmeff.methods.explain import (
+from mmeff.families import adapter_for
+from mmeff.heads import save_head
+from mmeff.methods.explain.method import (
     Explain,
     RelevanceMapper,
     channels_from_probs,
@@ -18,12 +19,11 @@ from mmeff.methods.explain import (
     predict_relevance,
     probe_weights,
 )
+from mmeff.methods.explain.train import chefer_rule, eager_text, head_tensors, relevance_and_channels
 from mmeff.methods.fastv import keep_top
-from mmeff.models import adapter_for
-from mmeff.models.factory import FAMILIES, load_tiny
-from mmeff.training.data import make_batch, synthetic_examples
-from mmeff.training.explain import chefer_rule, eager_text, head_tensors, relevance_and_channels
-from mmeff.training.heads import save_head
+from mmeff_lab.cli import app
+from mmeff_lab.models.factory import FAMILIES, load_tiny
+from mmeff_lab.training.data import make_batch, synthetic_examples
 from tests.test_dyvte import visual_mask
 from tests.test_fastv import reference_generate
 from tests.test_wrap import batch

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mmeff
+from mmeff.families import adapter_for
 from mmeff.methods import fia, pai, var, vcd, vhr  # noqa: F401  (registration)
 from mmeff.methods._halluc import text_only_inputs
 from mmeff.methods.fia import dual_stream
@@ -16,8 +17,7 @@ from mmeff.methods.pai import cfg_logits
 from mmeff.methods.var import discover_sink_dims, redistribute, sink_scores
 from mmeff.methods.vcd import add_diffusion_noise, contrast
 from mmeff.methods.vhr import head_divergence, reinforced_heads
-from mmeff.models import adapter_for
-from mmeff.models.factory import load_tiny, make_inputs, random_image
+from mmeff_lab.models.factory import load_tiny, make_inputs, random_image
 from tests.test_wrap import batch
 
 GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)

@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 
 import mmeff
+from mmeff.families import adapter_for
 from mmeff.methods import var  # noqa: F401  (registration)
 from mmeff.methods.var import discover_sink_dims, sink_dim_stats
-from mmeff.models import adapter_for
-from mmeff.models.factory import load_tiny, random_image
 from mmeff.presets import get_preset
-from mmeff.reference.model import load_reference
-from mmeff.reference.synthetic import TRAIN_SEEDS
-from mmeff.reference.training import render_scene
+from mmeff_lab.models.factory import load_tiny, random_image
+from mmeff_lab.reference.model import load_reference
+from mmeff_lab.reference.synthetic import TRAIN_SEEDS
+from mmeff_lab.reference.training import render_scene
 
 FAMILY = {"llava": "llava", "qwen2vl": "qwen2_vl"}
 

@@ -1,10 +1,9 @@
-"""Tests of the procedural scenes, training text and synthetic POPE/CHAIR/MME writers (mmeff.reference)."""
+"""Tests of the procedural scenes, training text and synthetic POPE/CHAIR/MME writers (mmeff_lab.reference)."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmeff.reference import scenes as sc
-from mmeff.reference import synthetic as syn
-from mmeff.reference.text import detailed_caption, training_examples
-from mmeff.reference.vocab import (
+from mmeff_lab.evaluation._io import shipped_path
+from mmeff_lab.reference import scenes as sc
+from mmeff_lab.reference import synthetic as syn
+from mmeff_lab.reference.text import detailed_caption, training_examples
+from mmeff_lab.reference.vocab import (
     CATEGORIES,
     COCO_NAMES,
     COLORS,
@@ -28,16 +28,9 @@ from mmeff.reference.vocab import (
     twin_of,
 )
 
-SHARED = Path(os.environ.get("MMEFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SMALL = {"n_pope_images": 16, "n_chair_images": 8, "n_mme_images": 4}
 POPE_RE = re.compile(r"^Is there (a|an) (.+) in the image\?$")
 
-
-def _shared(rel: str) -> Path:
-    path = SHARED / rel
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: set MMEFF_SHARED_DATA to the shared/data folder")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def _seed_of(image: str) -> int:
 
 
 def test_categories_are_canonical_chair_words() -> None:
-    lines = [ln for ln in _shared("chair/synonyms.txt").read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in shipped_path("synonyms.txt").read_text().splitlines() if ln.strip()]
     canonical = [ln.split(",")[0].strip() for ln in lines]
     assert list(COCO_NAMES) == canonical  # the COCO id table follows the synonym list's order
     assert len(CATEGORIES) >= 40 and len(set(CATEGORIES)) == len(CATEGORIES)
@@ -258,7 +251,7 @@ def test_heldout_seeds_disjoint_from_training(bench: Path) -> None:
 
 
 def test_pope_files_match_official_format(bench: Path) -> None:
-    official = json.loads(_shared("pope/coco_pope_random.json").read_text().splitlines()[0])
+    official = json.loads(shipped_path("coco_pope_random.json").read_text().splitlines()[0])
     for strategy in syn.POPE_STRATEGIES:
         text = (bench / "pope" / f"coco_pope_{strategy}.json").read_text()
         assert text.endswith("}\n")

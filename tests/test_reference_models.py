@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmeff.reference.model import (
+from mmeff_lab.reference.model import (
     ARCHS,
     NUM_VISUAL_TOKENS,
     answer_text,
@@ -20,10 +20,10 @@ from mmeff.reference.model import (
     object_token_mask,
     reference_dir,
 )
-from mmeff.reference.scenes import make_scene, render
-from mmeff.reference.synthetic import HELDOUT_SEED_BASE, JPEG_QUALITY
-from mmeff.reference.training import batch_inputs, encode_examples, gpu_pixel_inputs, pixel_lut, render_scene
-from mmeff.reference.vocab import article
+from mmeff_lab.reference.scenes import make_scene, render
+from mmeff_lab.reference.synthetic import HELDOUT_SEED_BASE, JPEG_QUALITY
+from mmeff_lab.reference.training import batch_inputs, encode_examples, gpu_pixel_inputs, pixel_lut, render_scene
+from mmeff_lab.reference.vocab import article
 
 MIB = 1 << 20
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -126,9 +126,9 @@ def test_attention_on_asked_object(arch: str, loaded, request: pytest.FixtureReq
 
 
 def test_patch_labels_follow_boxes_and_draw_order() -> None:
-    from mmeff.reference.scenes import Scene, SceneObject
-    from mmeff.reference.training import patch_labels
-    from mmeff.reference.vocab import CATEGORIES, DEFAULT_GLYPHS, GLYPH_STYLES
+    from mmeff_lab.reference.scenes import Scene, SceneObject
+    from mmeff_lab.reference.training import patch_labels
+    from mmeff_lab.reference.vocab import CATEGORIES, DEFAULT_GLYPHS, GLYPH_STYLES
 
     a, b = CATEGORIES[0], CATEGORIES[1]
     glyphs = GLYPH_STYLES[DEFAULT_GLYPHS]
@@ -144,7 +144,7 @@ def test_patch_labels_follow_boxes_and_draw_order() -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_auxiliary_vision_loss_trains_on_cpu(arch: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    from mmeff.reference.training import TrainConfig, prepare_data, train
+    from mmeff_lab.reference.training import TrainConfig, prepare_data, train
 
     data = prepare_data(tmp_path / "data", 4, draws=1, workers=1)
     assert np.load(data / "labels.npy").shape == (4, 16, 16)
@@ -160,8 +160,8 @@ def test_auxiliary_vision_loss_trains_on_cpu(arch: str, tmp_path, capsys: pytest
 
 def test_qwen_training_speedups_equal_stock_forward(tmp_path) -> None:
     """Batched vision attention + precomputed M-RoPE ids give the stock Qwen2-VL loss and logits."""
-    from mmeff.reference.model import build_model
-    from mmeff.reference.training import _QwenTrainingSpeedups
+    from mmeff_lab.reference.model import build_model
+    from mmeff_lab.reference.training import _QwenTrainingSpeedups
 
     texts = [render_scene(HELDOUT_SEED_BASE + i, draws=1)[1] for i in range(3)]
     pixels = torch.from_numpy(np.stack([render_scene(HELDOUT_SEED_BASE + i, draws=1)[0] for i in range(3)]))
@@ -182,8 +182,8 @@ def test_qwen_training_speedups_equal_stock_forward(tmp_path) -> None:
 
 def test_resized_model_starts_from_shipped_weights_except_skipped() -> None:
     """init_from copies every parameter not named by ``skip`` (shapes must fit) and leaves the skipped ones."""
-    from mmeff.reference.model import build_model
-    from mmeff.reference.training import init_from
+    from mmeff_lab.reference.model import build_model
+    from mmeff_lab.reference.training import init_from
 
     deep, _ = build_model("llava", text_overrides={"num_hidden_layers": 8, "num_key_value_heads": 2,
                                                    "intermediate_size": 352})
@@ -202,8 +202,8 @@ def test_resized_model_starts_from_shipped_weights_except_skipped() -> None:
 def test_qwen_rope_override_reaches_the_decoder() -> None:
     """text_overrides may replace the Qwen decoder's M-RoPE parameters (the theta experiment), and nothing else
     changes: the shipped weights load into it unchanged."""
-    from mmeff.reference.model import build_model
-    from mmeff.reference.training import init_from
+    from mmeff_lab.reference.model import build_model
+    from mmeff_lab.reference.training import init_from
 
     rope = {"rope_type": "default", "rope_theta": 100.0, "mrope_section": [8, 12, 12]}
     model, _ = build_model("qwen2vl", text_overrides={"rope_parameters": rope})

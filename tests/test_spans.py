@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from mmeff.models import FAMILY_NAMES, adapter_for
-from mmeff.models.base import ImageSpan, Tile, runs
-from mmeff.models.factory import FAMILIES, load_tiny, make_inputs, random_image
+from mmeff.families import FAMILY_NAMES, adapter_for
+from mmeff.families.base import ImageSpan, Tile, runs
+from mmeff_lab.models.factory import FAMILIES, load_tiny, make_inputs, random_image
 from tests.test_wrap import SIZES, batch
 
 

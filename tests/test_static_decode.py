@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import mmeff
-from mmeff.cache import SlotLayer, find_cache
+from mmeff.engine.cache import SlotLayer, find_cache
 from mmeff.errors import MmeffError
-from mmeff.models.factory import FAMILIES, load_tiny
+from mmeff_lab.models.factory import FAMILIES, load_tiny
 from tests.test_wrap import batch
 
 GEN = dict(max_new_tokens=7, min_new_tokens=7, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -101,7 +101,7 @@ def test_refusals_and_unwrap(tiny_model_dir):
 def test_manual_decode_loop_and_a_late_ineligible_call(tiny_model_dir):
     """A hand-written decode loop (model(...) per token, 2-D mask grown by hand) takes the static path and
     equals the eager loop; a call the static step cannot serve after it began is refused, not misplaced."""
-    from mmeff.cache import cache_kwarg
+    from mmeff.engine.cache import cache_kwarg
 
     model, processor = load_tiny(tiny_model_dir("llava_next"), attn_implementation="sdpa")
     inputs = batch(processor, "llava_next")

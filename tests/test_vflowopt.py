@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import mmeff
+from mmeff.families import adapter_for
 from mmeff.kernels.vflowopt_score import reference as ref
-from mmeff.methods.vflowopt import VFlowOptConfig, cell_ids, clip_tile_entropy, merge_cells, recycle_plan
-from mmeff.models import adapter_for
-from mmeff.models.factory import load_tiny
+from mmeff.methods.vflowopt.budget import averaged_budget, fastv_ratio_for_budget, kept_fraction, solve_last_ratio
+from mmeff.methods.vflowopt.method import VFlowOptConfig, cell_ids, clip_tile_entropy, merge_cells, recycle_plan
 from mmeff.presets import get_preset
-from mmeff.tuning import averaged_budget, fastv_ratio_for_budget, kept_fraction, solve_last_ratio
+from mmeff_lab.models.factory import load_tiny
 from tests.helpers import greedy_recompute
 from tests.test_wrap import batch
 
@@ -327,7 +327,7 @@ def _n_prunable(state, g, b, sp) -> int:
 @torch.no_grad()
 def test_text_only_prompt_is_untouched(tiny_model_dir):
     # no image: no input stage, and the LLM stages must not look for scores that were never made
-    from mmeff.models.factory import load_tiny, make_inputs
+    from mmeff_lab.models.factory import load_tiny, make_inputs
 
     model, processor = load_tiny(tiny_model_dir("llava"))
     inputs = make_inputs(processor, ["a prompt without any image"], [[]])

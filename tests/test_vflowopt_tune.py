@@ -6,11 +6,8 @@ import pytest
 import torch
 
 import mmeff
-from mmeff.models.factory import load_tiny, make_inputs
-from mmeff.presets import get_preset
-from mmeff.tuning import averaged_budget
-from mmeff.tuning.budget import solve_last_ratio
-from mmeff.tuning.tuner import (
+from mmeff.methods.vflowopt.budget import averaged_budget, solve_last_ratio
+from mmeff.methods.vflowopt.tune import (
     objective_value,
     r1_interval,
     reference_samples,
@@ -18,6 +15,8 @@ from mmeff.tuning.tuner import (
     tune_vflowopt,
     write_preset,
 )
+from mmeff.presets import get_preset
+from mmeff_lab.models.factory import load_tiny, make_inputs
 
 
 def test_objective_and_space():

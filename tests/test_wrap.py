@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mmeff
-from mmeff.methods.base import Method, Point
-from mmeff.models.factory import FAMILIES, load_tiny, make_inputs, random_image
+from mmeff.engine.method import Method, Point
+from mmeff_lab.models.factory import FAMILIES, load_tiny, make_inputs, random_image
 
 SIZES = [(48, 40), (40, 64), (64, 32)]
 
@@ -87,7 +87,7 @@ def test_neutral_hooks_keep_outputs(family_model):
     ref = model(**inputs).logits
     ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     pipeline_cls = mmeff.api.Pipeline
-    adapter = mmeff.models.adapter_for(model)
+    adapter = mmeff.families.adapter_for(model)
     pipe = pipeline_cls(model, adapter, [_Identity(NoneConfig(), adapter)])
     pipe.attach()
     try:
@@ -121,7 +121,7 @@ def test_errors(family_model, tmp_path):
     # one image placeholder expanded, but two images' pixels given
     inputs = batch(processor, family, multi_image=True)
     ids = inputs["input_ids"]
-    image_ids = torch.tensor(mmeff.models.adapter_for(model).image_token_ids)
+    image_ids = torch.tensor(mmeff.families.adapter_for(model).image_token_ids)
     first = int(torch.isin(ids[1], image_ids).nonzero()[0])
     ids[1, first] = processor.tokenizer.pad_token_id  # one image token fewer than the features need
     with mmeff.wrap(model, "fastv"), pytest.raises(mmeff.ImageTokenMismatchError, match="image tokens"):
@@ -134,9 +134,9 @@ def test_stage_conflict_is_refused(family_model):
     class Cache1(Method):
         points = frozenset({Point.CACHE})
 
-    adapter = mmeff.models.adapter_for(model)
+    adapter = mmeff.families.adapter_for(model)
+    from mmeff.engine.pipeline import Pipeline
     from mmeff.methods.none import NoneConfig
-    from mmeff.pipeline import Pipeline
 
     with pytest.raises(mmeff.StageConflictError, match="'cache' insertion point"):
         Pipeline(model, adapter, [Cache1(NoneConfig(), adapter), Cache1(mmeff.FastVConfig(), adapter)])
@@ -184,7 +184,7 @@ def test_methods_see_an_attention_mask_when_generate_drops_it(family_model):
             seen["mask"] = inputs.get("attention_mask")
             seen["state"] = state.attention_mask
 
-    adapter = mmeff.models.adapter_for(model)
+    adapter = mmeff.families.adapter_for(model)
     pipe = mmeff.api.Pipeline(model, adapter, [Spy(mmeff.NoneConfig(), adapter)])
     pipe.attach()
     try:

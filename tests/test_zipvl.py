@@ -15,8 +15,8 @@ from mmeff.kernels.attention_stats import attention_probs
 from mmeff.kernels.kv_quant import quantize_kv
 from mmeff.kernels.kv_quant import reference as kvq
 from mmeff.kernels.probe_scores import normalized_scores, probe_scores
-from mmeff.methods.zipvl import ZipVLCacheLayer, ZipVLConfig, choose_probes, important_set
-from mmeff.models.factory import FAMILIES, load_tiny, make_inputs, random_image
+from mmeff.methods.zipvl.method import ZipVLCacheLayer, ZipVLConfig, choose_probes, important_set
+from mmeff_lab.models.factory import FAMILIES, load_tiny, make_inputs, random_image
 from tests.test_wrap import SIZES, batch
 
 GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -253,7 +253,7 @@ def test_sparse_prefill_equals_masked_reference(tiny_model_dir, single):
 
         method.importance = spy
         got = model(**inputs).logits
-    from mmeff.models import adapter_for
+    from mmeff.families import adapter_for
 
     layers = adapter_for(model).layers
     hooks = []

@@ -226,7 +226,7 @@ def test_quantized_decode_attention_timing(tokens):
 def test_generate_with_fused_decode_equals_materialised_reference(tiny_model_dir):
     """End to end on CUDA: ``generate`` decoding through the Triton kernel = the dequantize-then-SDPA path
     (left-padded batch, recompression every 2 tokens)."""
-    from mmeff.models.factory import load_tiny
+    from mmeff_lab.models.factory import load_tiny
     from tests.test_wrap import batch
     from tests.test_zipvl import assert_fused_decode_matches_reference
 

@@ -1,5 +1,6 @@
 """The methods. Importing this package registers every built-in method by name."""
 
+from mmeff.engine.method import EXCLUSIVE_POINTS, Method, Point
 from mmeff.methods import (  # noqa: F401  (registration side effects)
     dyvte,
     explain,
@@ -13,6 +14,5 @@ from mmeff.methods import (  # noqa: F401  (registration side effects)
     vhr,
     zipvl,
 )
-from mmeff.methods.base import EXCLUSIVE_POINTS, Method, Point
 
 __all__ = ["EXCLUSIVE_POINTS", "Method", "Point"]

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmeff.cache import cache_kwarg, find_cache
+from mmeff.engine.cache import cache_kwarg, find_cache
+from mmeff.engine.state import State
 from mmeff.errors import ConfigError
-from mmeff.state import State
 
 if TYPE_CHECKING:
-    from mmeff.pipeline import Pipeline
+    from mmeff.engine.pipeline import Pipeline
 
 
 def check_layers(name: str, start: int, end: int | None, n_layers: int) -> range:

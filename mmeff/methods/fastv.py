@@ -19,11 +19,11 @@ from typing import Any, Literal
 
 import torch
 
-from mmeff.attention import AttentionCall
 from mmeff.config import MethodConfig, register_method
+from mmeff.engine.attention import AttentionCall
+from mmeff.engine.method import Method, Point
+from mmeff.engine.state import State
 from mmeff.errors import ConfigError
-from mmeff.methods.base import Method, Point
-from mmeff.state import State
 
 
 @dataclass(frozen=True)

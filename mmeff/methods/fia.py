@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from mmeff.attention import AttentionCall
 from mmeff.config import MethodConfig, register_method
+from mmeff.engine.attention import AttentionCall
+from mmeff.engine.method import Method, Point
+from mmeff.engine.pipeline import Pipeline
+from mmeff.engine.state import State
 from mmeff.errors import ConfigError
 from mmeff.methods._halluc import boost_last_row, check_layers, key_flags
-from mmeff.methods.base import Method, Point
-from mmeff.pipeline import Pipeline
-from mmeff.state import State
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmeff.config import MethodConfig, register_method
-from mmeff.methods.base import Method
+from mmeff.engine.method import Method
 
 
 @dataclass(frozen=True)

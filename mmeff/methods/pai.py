@@ -20,8 +20,11 @@ from typing import Any
 
 import torch
 
-from mmeff.attention import AttentionCall
 from mmeff.config import MethodConfig, register_method
+from mmeff.engine.attention import AttentionCall
+from mmeff.engine.method import Method, Point
+from mmeff.engine.pipeline import Pipeline
+from mmeff.engine.state import State
 from mmeff.errors import ConfigError
 from mmeff.methods._halluc import (
     SideStream,
@@ -31,9 +34,6 @@ from mmeff.methods._halluc import (
     last_position_logits,
     text_only_inputs,
 )
-from mmeff.methods.base import Method, Point
-from mmeff.pipeline import Pipeline
-from mmeff.state import State
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,13 @@ from typing import Any
 
 import torch
 
-from mmeff.attention import AttentionCall
 from mmeff.config import MethodConfig, register_method
+from mmeff.engine.attention import AttentionCall
+from mmeff.engine.method import Method, Point
+from mmeff.engine.pipeline import Pipeline
+from mmeff.engine.state import State
 from mmeff.errors import ConfigError
 from mmeff.methods._halluc import key_flags
-from mmeff.methods.base import Method, Point
-from mmeff.pipeline import Pipeline
-from mmeff.state import State
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def _layer_inputs(model: torch.nn.Module, processor: Any, samples: Sequence[tupl
                   ) -> Iterator[list[torch.Tensor]]:
     """Per (text, PIL image) sample (unwrapped forward): the inputs of layers start_layer..L-1 on the real
     tokens, each [n_real, D] float32."""
-    from mmeff.models.factory import make_inputs
+    from mmeff_lab.models.factory import make_inputs
 
     if not samples:
         raise ValueError("var: needs at least one (text, image) calibration sample")

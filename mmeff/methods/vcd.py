@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from mmeff.config import MethodConfig, register_method
+from mmeff.engine.method import Method, Point
+from mmeff.engine.pipeline import Pipeline
+from mmeff.engine.state import State
 from mmeff.errors import ConfigError
 from mmeff.methods._halluc import SideStream, last_position_logits
-from mmeff.methods.base import Method, Point
-from mmeff.pipeline import Pipeline
-from mmeff.state import State
 
 # inputs of the main prompt that the noised stream reuses as they are
 _SHARED = ("input_ids", "attention_mask", "image_sizes", "image_grid_thw", "mm_token_type_ids")

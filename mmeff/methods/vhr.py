@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from mmeff.config import MethodConfig, register_method
+from mmeff.engine.method import Method, Point
+from mmeff.engine.pipeline import Pipeline
+from mmeff.engine.state import State
 from mmeff.errors import ConfigError
 from mmeff.methods._halluc import text_only_inputs, text_positions
-from mmeff.methods.base import Method, Point
-from mmeff.pipeline import Pipeline
-from mmeff.state import State
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Each top-level table of a ``*.toml`` file here is one preset::
     method = "fastv"          # the registered method name
     k = 2                     # every other key is a field of that method's config
     ratio = 0.5
-    [fastv.families.qwen2_vl] # optional per-family overrides (family keys as in mmeff.models)
+    [fastv.families.qwen2_vl] # optional per-family overrides (family keys as in mmeff.families)
     k = 3
 
 Presets compose with ``+`` (``"vflowopt-75+vhr"``): the stages run in the order given. A path to a TOML file

@@ -1,0 +1,3 @@
+from mmeff_lab.cli import main
+
+main()

@@ -1,0 +1,59 @@
+"""``mmeff eval``: run presets on POPE / CHAIR / MME and write results.json, results.md and a plot.
+
+Data-parallel: ``accelerate launch [--cpu] --num_processes N -m mmeff_lab.cli eval ...`` (or ``torchrun
+--nproc_per_node N -m mmeff_lab.cli eval ...``) gives the numbers of a single process (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mmeff.errors import MmeffError
+
+
+def eval_command(
+    model: str = typer.Option("reference-llava", "--model", help="Local dir, hub id, reference-llava/-qwen2vl, "
+                              "or tiny-<family>."),
+    preset: str = typer.Option("none", "--preset", help="Preset(s), comma-separated; 'none' always runs first."),
+    tasks: str = typer.Option("pope,chair,mme", "--tasks", help="pope, pope_random, pope_popular, "
+                              "pope_adversarial, chair, mme (comma-separated)."),
+    data: str = typer.Option("synthetic", "--data", help="'synthetic' or a folder (see docs/evaluation.md)."),
+    limit: int | None = typer.Option(None, "--limit", help="First N samples per task."),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: float32 on "
+                                     "cpu, bfloat16 on cuda)."),
+    output: Path = typer.Option(Path("out"), "--output", help="Output folder."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Keep per-sample logs (DIR/samples/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
+    chair_max_new_tokens: int = typer.Option(512, "--chair-max-new-tokens"),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Decode from CUDA graphs (presets that allow "
+                                     "it; the others decode eagerly). Needs --device cuda."),
+) -> None:
+    """Evaluate presets on POPE / CHAIR / MME (accuracy, hallucination and measured cost)."""
+    from mmeff_lab.evaluation.runner import EvalConfig, run_eval
+
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"--device must be cpu or cuda, got {device!r}")
+    cfg = EvalConfig(model=model, presets=preset, tasks=tasks, data=data, limit=limit, batch_size=batch_size,
+                     device=device, dtype=dtype, output=output, log_samples=log_samples, resume=resume,
+                     chair_max_new_tokens=chair_max_new_tokens, n_boot=n_boot, progress=progress,
+                     cuda_graphs=cuda_graphs)
+    try:
+        results = run_eval(cfg)
+    except MmeffError as e:
+        Console(stderr=True).print(f"error: {e}", style="red", highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(2) from None
+    if results is not None:
+        from mmeff_lab.evaluation.results import RESULTS_MD
+
+        typer.echo((output / RESULTS_MD).read_text())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,117 @@
+"""``mmeff train dyvte|explain``: train a method's head on a frozen model and write checkpoint + presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+train_app = typer.Typer(no_args_is_help=True, help="Train the small heads of trained pruners (DyVTE, explain).")
+
+MODEL = typer.Option("reference-llava", "--model", help="local dir, reference-llava|reference-qwen2vl, tiny-<family>")
+DATA = typer.Option("synthetic", "--data", help="'synthetic' (reference training split) or a JSON-lines file")
+OUTPUT = typer.Option(..., "--output", help="directory for the checkpoint and preset file(s)")
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _preset(name: str, description: str, method: str, checkpoint: Path, **fields: Any) -> str:
+    lines = [f"[{name}]", f"description = {json.dumps(description)}", f'method = "{method}"',
+             f"checkpoint = {json.dumps(str(checkpoint.resolve()))}"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _bar(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+
+
+def _callback(progress: Progress, task: Any):
+    def update(done: int, total: int, info: dict[str, float]) -> None:
+        text = " ".join(f"{k}={v:.4g}" for k, v in info.items())
+        progress.update(task, completed=done, total=total, info=text)
+
+    return update
+
+
+@train_app.command()
+def dyvte(model: str = MODEL, data: str = DATA, steps: int = typer.Option(200, "--steps"), output: Path = OUTPUT,
+          batch_size: int = typer.Option(4, "--batch-size"), lr: float = typer.Option(6e-5, "--lr"),
+          width: int = typer.Option(2048, "--width", help="router hidden width"),
+          min_layer: int = typer.Option(1, "--min-layer"), seed: int = typer.Option(0, "--seed"),
+          abs_tol: float = typer.Option(0.0, "--abs-tol", help="label slack in nats added to 1.03 x the full "
+                                        "answer loss (0: the paper's rule)"),
+          device: str = typer.Option("cpu", "--device"), dtype: str | None = typer.Option(None, "--dtype")) -> None:
+    """Train DyVTE routers; writes DIR/dyvte.safetensors and the preset DIR/dyvte.toml."""
+    from mmeff.heads import save_head
+    from mmeff.methods.dyvte.train import head_tensors, train_dyvte
+    from mmeff_lab.models.loading import load_model
+    from mmeff_lab.training.data import examples_from
+
+    console = Console()
+    vlm, processor, family = load_model(model, device=device, dtype=dtype)
+    output.mkdir(parents=True, exist_ok=True)
+    with _bar(console) as progress:
+        task = progress.add_task("dyvte routers", total=steps, info="")
+        routers, report = train_dyvte(vlm, processor, examples_from(data, seed), steps=steps, batch_size=batch_size,
+                                      lr=lr, width=width, min_layer=min_layer, seed=seed, abs_tol=abs_tol,
+                                      progress=_callback(progress, task))
+    meta = {"kind": "dyvte", "family": family, "model": model, "hidden_size": routers.hidden_size,
+            "num_layers": routers.num_layers, "width": width, "data": data, "abs_tol": abs_tol,
+            "report": report}
+    ckpt = save_head(output / "dyvte.safetensors", head_tensors(routers), meta)
+    _write_text(output / "dyvte.toml", _preset("dyvte", f"DyVTE routers trained on {model}", "dyvte", ckpt))
+    console.print_json(json.dumps(report))
+    console.print(f"wrote {ckpt} and {output / 'dyvte.toml'} (use: mmeff eval --preset {output / 'dyvte.toml'})")
+
+
+@train_app.command()
+def explain(model: str = MODEL, data: str = DATA, steps: int = typer.Option(500, "--steps"), output: Path = OUTPUT,
+            samples: int = typer.Option(256, "--samples", help="examples whose relevance maps are collected"),
+            batch_size: int = typer.Option(4, "--batch-size"), lr: float = typer.Option(3e-3, "--lr"),
+            width: int = typer.Option(16, "--width"), depth: int = typer.Option(3, "--depth"),
+            seed: int = typer.Option(0, "--seed"), device: str = typer.Option("cpu", "--device"),
+            dtype: str | None = typer.Option(None, "--dtype")) -> None:
+    """Train the relevance mapper; writes DIR/explain.safetensors and presets DIR/explain-{50,75,90}.toml."""
+    from mmeff.families import adapter_for
+    from mmeff.heads import save_head
+    from mmeff.methods.explain.train import head_tensors, train_explain
+    from mmeff_lab.models.loading import load_model
+    from mmeff_lab.training.data import examples_from
+
+    console = Console()
+    vlm, processor, family = load_model(model, device=device, dtype=dtype)
+    output.mkdir(parents=True, exist_ok=True)
+    with _bar(console) as progress:
+        collect = progress.add_task("relevance maps", total=samples, info="")
+        fit = progress.add_task("mapper fit", total=steps, info="")
+        mapper, report = train_explain(vlm, processor, examples_from(data, seed), steps=steps, samples=samples,
+                                       batch_size=batch_size, lr=lr, width=width, depth=depth, seed=seed,
+                                       progress=_callback(progress, fit),
+                                       collect_progress=_callback(progress, collect))
+    adapter = adapter_for(vlm)
+    meta = {"kind": "explain", "family": family, "model": model, "hidden_size": int(adapter.text_config.hidden_size),
+            "num_layers": len(adapter.layers), "width": width, "depth": depth, "data": data, "report": report}
+    ckpt = save_head(output / "explain.safetensors", head_tensors(mapper), meta)
+    for pct in (50, 75, 90):
+        text = _preset(f"explain-{pct}", f"explainability-guided pruning of {pct}% visual tokens at the LLM input "
+                       f"(mapper trained on {model})", "explain", ckpt, ratio=pct / 100)
+        _write_text(output / f"explain-{pct}.toml", text)
+    console.print_json(json.dumps(report))
+    console.print(f"wrote {ckpt} and {output}/explain-{{50,75,90}}.toml")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(train_app, name="train")

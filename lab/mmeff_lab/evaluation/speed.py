@@ -1,0 +1,327 @@
+"""Speed and memory of presets against the unwrapped model, measured in one run (``mmeff bench``).
+
+Per preset: vision-encoder ms, prefill ms (vision included) = time to first token, decode tokens/s, peak GPU
+memory, KV-cache bytes after prefill (total, and the part holding visual tokens), visual tokens kept — medians
+over repeats after warm-up, CUDA-event timing on GPU. Beside each preset the *ideal*: the same vision encoder
+plus the unwrapped decoder simply run on the shortened sequence each layer sees (per-layer decoder cost taken
+from whole-decoder runs at each length), so the gap to the limit is visible.
+
+Models: a loaded model, or a named full-size architecture with random weights (``ARCHITECTURES``; labelled
+random-weight in every output). Inputs are synthesised from the config (random pixels, random text ids around
+the image tokens), so no processor is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+import mmeff
+from mmeff.families import adapter_for
+
+ARCH_DIR = resources.files("mmeff_lab.models") / "architectures"
+
+
+def architectures() -> list[str]:
+    return sorted(p.name[: -len(".json")] for p in ARCH_DIR.iterdir() if p.name.endswith(".json"))
+
+
+def arch_spec(name: str) -> dict[str, Any]:
+    path = ARCH_DIR / f"{name}.json"
+    if not path.is_file():
+        raise mmeff.UnknownPresetError(f"unknown architecture {name!r}; known: {', '.join(architectures())}")
+    return json.loads(path.read_text())
+
+
+def build_random(name: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 overrides: Callable[[Any], None] | None = None) -> nn.Module:
+    """A full-size architecture with random weights, built directly on ``device`` (timing only)."""
+    import transformers
+
+    spec = arch_spec(name)
+    cfg_dict = dict(spec["config"])
+    config = transformers.CONFIG_MAPPING[cfg_dict.pop("model_type")](**cfg_dict)
+    if overrides is not None:
+        overrides(config)
+    cls = getattr(transformers, {"llava": "LlavaForConditionalGeneration",
+                                 "llava_next": "LlavaNextForConditionalGeneration",
+                                 "qwen2_vl": "Qwen2VLForConditionalGeneration"}[spec["family"]])
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype)
+    model.mmeff_random_weights = True  # every output says so
+    return model.eval()
+
+
+def synth_inputs(model: nn.Module, batch: int, images: int = 1, size: tuple[int, int] | None = None,
+                 text: int = 48, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of prompts (random text ids around ``images`` image placeholders each) with random pixels."""
+    adapter = adapter_for(model)
+    cfg = model.config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(seed)
+    n_img = batch * images
+    inputs: dict[str, Any] = {}
+    if adapter.family in ("llava", "llava_next"):
+        s = cfg.vision_config.image_size
+        size = size or (s, s)
+        if adapter.family == "llava":
+            inputs["pixel_values"] = torch.randn(n_img, 3, s, s, generator=g)
+        else:
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            n_patches = image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, s)
+            inputs["pixel_values"] = torch.randn(n_img, n_patches, 3, s, s, generator=g)
+            inputs["image_sizes"] = torch.tensor([list(size)] * n_img)
+    else:
+        vc = cfg.vision_config
+        unit = vc.patch_size * vc.spatial_merge_size
+        size = size or (28 * 16, 28 * 16)
+        h, w = size[0] // unit * vc.spatial_merge_size, size[1] // unit * vc.spatial_merge_size
+        inputs["image_grid_thw"] = torch.tensor([[1, h, w]] * n_img)
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        inputs["pixel_values"] = torch.randn(n_img * h * w, patch_dim, generator=g)
+    layouts = adapter.image_layouts(inputs, n_img)
+    per_image = [sum(t.length for t in tiles) + extra for tiles, extra in layouts]
+    image_id = adapter.image_token_ids[0]
+    brackets = (getattr(cfg, k, None) for k in ("vision_start_token_id", "vision_end_token_id"))
+    special = {*adapter.image_token_ids, *brackets}
+    vocab = [i for i in range(10, min(adapter.text_config.vocab_size, 1000)) if i not in special]
+
+    def words(n: int) -> list[int]:
+        return [vocab[i] for i in torch.randint(0, len(vocab), (n,), generator=g).tolist()]
+
+    rows = []
+    for b in range(batch):
+        row = words(text // 3)
+        for i in range(images):
+            n = per_image[b * images + i]
+            if adapter.family.startswith("qwen"):
+                row += [cfg.vision_start_token_id, *([image_id] * n), cfg.vision_end_token_id]
+            else:
+                row += [image_id] * n
+        row += words(text - text // 3)
+        rows.append(row)
+    ids = torch.tensor(rows)
+    inputs["input_ids"] = ids
+    inputs["attention_mask"] = torch.ones_like(ids)
+    if adapter.family.startswith("qwen"):
+        inputs["mm_token_type_ids"] = (ids == image_id).long()
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+
+class _Timer:
+    """Milliseconds of a region: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end), out
+        t = time.perf_counter()
+        out = fn()
+        return (time.perf_counter() - t) * 1e3, out
+
+
+@dataclass
+class BenchRow:
+    preset: str
+    vision_ms: float
+    prefill_ms: float
+    ttft_ms: float
+    decode_tokens_per_s: float
+    peak_memory_bytes: int | None
+    kv_cache_bytes: int
+    kv_visual_bytes: float
+    visual_tokens_in: float
+    visual_tokens_kept: float
+    ideal_prefill_ms: float
+    generate_ms: float = 0.0  # one whole generate call of new_tokens tokens (what a user waits for)
+    cuda_graphs: bool = False
+    speedup: float = 1.0
+    ideal_speedup: float = 1.0
+    kv_visual_ratio: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+@torch.no_grad()
+def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: int = 1,
+          image_size: tuple[int, int] | None = None, new_tokens: int = 32, repeats: int = 5, warmup: int = 2,
+          cuda_graphs: tuple[bool, ...] = (False,),
+          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure each preset (``none`` always first) on the same synthesised inputs; see the module doc.
+
+    ``cuda_graphs``: decode modes to measure each preset in — eager hooked steps (False) and/or static steps
+    replayed from CUDA graphs (True, :mod:`mmeff.engine.static_decode`); ratios are against ``none`` in the first
+    mode measured (eager, when both are)."""
+    presets = ["none", *[p for p in presets if p != "none"]]
+    modes = sorted(set(cuda_graphs))
+    device = next(model.parameters()).device
+    timer = _Timer(device)
+    adapter = adapter_for(model)
+    inputs = synth_inputs(model, batch_size, images, image_size)
+    n_layers = len(adapter.layers)
+    cfg = adapter.text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_token_layer_bytes = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+    vision_kwargs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+    decoder_ms: dict[int, float] = {}
+
+    def decoder_time(length: int) -> float:
+        """Unwrapped decoder prefill at ``length`` tokens (same batch), median ms."""
+        if length not in decoder_ms:
+            emb = torch.randn(batch_size, length, cfg.hidden_size, device=device, dtype=next(model.parameters()).dtype)
+            lm = adapter.language_model
+            run = lambda: lm(inputs_embeds=emb, use_cache=True)  # noqa: E731
+            for _ in range(warmup):
+                run()
+            decoder_ms[length] = _median([timer(run)[0] for _ in range(repeats)])
+        return decoder_ms[length]
+
+    # the vision encoder alone, unwrapped (a method's own encoder-side work is part of its prefill time)
+    vision = lambda: adapter.base.get_image_features(**vision_kwargs)  # noqa: E731
+    for _ in range(warmup):
+        vision()
+    vision_t = _median([timer(vision)[0] for _ in range(repeats)])
+    def measure(preset: str, graphs: bool) -> BenchRow:
+        handle = mmeff.wrap(model, preset, cuda_graphs=graphs)
+        try:
+            prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
+            gen = lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
+                                         do_sample=False)
+            for _ in range(warmup):
+                prefill()
+            pre_t, peaks = [], []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                pre_t.append(timer(prefill)[0])
+                if device.type == "cuda":
+                    peaks.append(torch.cuda.max_memory_allocated(device))
+            stats = handle.stats
+            # ZipVL keeps every token but attends among / stores at high bits only the important ones
+            extra = {k: v for m in handle.pipeline.methods for k, v in getattr(m, "last_stats", {}).items()
+                     if k == "important_ratio"}
+            gen()  # warm the decode path (and capture its graphs)
+            rates, gen_t = [], []
+            for _ in range(max(1, repeats // 2)):
+                gen_t.append(timer(gen)[0])
+                s = handle.stats  # decode steps timed by the pipeline (model forward per step, synchronised)
+                rates.append(batch_size * s["decode_tokens"] / max(s["decode_ms"], 1e-6) * 1e3)
+        finally:
+            mmeff.unwrap(model)
+        per_layer = stats["visual_tokens_kept_per_layer"]
+        n_in = stats["visual_tokens_in"]
+        full_len = inputs["input_ids"].shape[1]
+        ideal = vision_t + sum(decoder_time(round(full_len - (n_in - kept))) for kept in per_layer) / n_layers
+        return BenchRow(
+            preset=preset, vision_ms=vision_t, prefill_ms=_median(pre_t), ttft_ms=_median(pre_t),
+            decode_tokens_per_s=_median(rates),
+            peak_memory_bytes=max(peaks) if peaks else None,
+            kv_cache_bytes=stats["kv_cache_bytes"],
+            kv_visual_bytes=batch_size * sum(per_layer) * kv_token_layer_bytes,
+            visual_tokens_in=n_in, visual_tokens_kept=stats["visual_tokens_kept"], ideal_prefill_ms=ideal,
+            generate_ms=_median(gen_t), cuda_graphs=graphs, extra=extra,
+        )
+
+    rows: list[BenchRow] = []
+    errors: dict[str, str] = {}
+    for graphs in modes:
+        for preset in presets:
+            name = preset + (" [graphs]" if graphs else "")
+            if progress:
+                progress(name)
+            try:
+                rows.append(measure(preset, graphs))
+            except Exception as e:  # one failing preset must not lose the others' measurements
+                if preset == "none" and graphs == modes[0]:  # the baseline of every ratio
+                    raise
+                errors[name] = f"{type(e).__name__}: {e}"
+    base = rows[0]
+    for r in rows:
+        r.speedup = base.prefill_ms / r.prefill_ms
+        r.ideal_speedup = base.prefill_ms / r.ideal_prefill_ms
+        r.kv_visual_ratio = r.kv_visual_bytes / base.kv_visual_bytes if base.kv_visual_bytes else 1.0
+    return {
+        "model": type(model).__name__,
+        "random_weights": bool(getattr(model, "mmeff_random_weights", False)),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "batch_size": batch_size, "images": images, "sequence_length": int(inputs["input_ids"].shape[1]),
+        "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup,
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "rows": [asdict(r) for r in rows],
+        "errors": errors,
+    }
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    label = " (random weights: timing only)" if result["random_weights"] else ""
+    lines = [
+        f"**{result['model']}**{label} on {result['device']}, {result['dtype']}, batch {result['batch_size']}, "
+        f"{result['sequence_length']} tokens, {result['new_tokens']} new tokens, median of {result['repeats']}",
+        "",
+        "| preset | visual kept | vision ms | prefill ms | ideal ms | speed-up | ideal | decode tok/s | peak mem GiB "
+        "| KV MiB | visual KV vs none | generate ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "–"
+        imp = r.get("extra", {}).get("important_ratio")
+        name = r["preset"] + (f" ({100 * imp:.0f}% important)" if imp is not None else "")
+        name += " [graphs]" if r.get("cuda_graphs") else ""
+        lines.append(
+            f"| {name} | {r['visual_tokens_kept']:.0f}/{r['visual_tokens_in']:.0f} | {r['vision_ms']:.1f} "
+            f"| {r['prefill_ms']:.1f} | {r['ideal_prefill_ms']:.1f} | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× "
+            f"| {r['decode_tokens_per_s']:.1f} | {peak} | {r['kv_cache_bytes'] / 2**20:.1f} "
+            f"| {100 * r['kv_visual_ratio']:.1f}% | {r.get('generate_ms', 0.0):.1f} |"
+        )
+    lines += [f"\n**{p} failed**: {e}" for p, e in result.get("errors", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    """Speed-up and visual-KV share vs visual tokens kept, one line per benchmark configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for res in results:
+        first = res["rows"][0].get("cuda_graphs", False)  # one point per preset: the first decode mode's rows
+        rows = sorted((r for r in res["rows"] if r.get("cuda_graphs", False) == first),
+                      key=lambda r: r["visual_tokens_kept"])
+        x = [r["visual_tokens_kept"] / r["visual_tokens_in"] for r in rows]
+        label = f"{res['model']} b{res['batch_size']}"
+        a.plot(x, [r["speedup"] for r in rows], "o-", label=f"{label} measured")
+        a.plot(x, [r["ideal_speedup"] for r in rows], "x--", label=f"{label} ideal")
+        b.plot(x, [100 * r["kv_visual_ratio"] for r in rows], "o-", label=label)
+        for r, xi in zip(rows, x):
+            a.annotate(r["preset"], (xi, r["speedup"]), fontsize=7)
+    a.set(xlabel="visual tokens kept (fraction, mean over layers)", ylabel="prefill speed-up vs none")
+    b.set(xlabel="visual tokens kept (fraction)", ylabel="visual KV bytes vs none (%)")
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

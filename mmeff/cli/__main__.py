@@ -1,3 +1,0 @@
-from mmeff.cli import main
-
-main()

@@ -1,0 +1,40 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): a base tile, then the anyres tiles unpadded to the
+image's aspect ratio with one ``image_newline`` token closing every row (the layout tokens pruners keep)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from mmeff.errors import ImageTokenMismatchError
+from mmeff.families.base import Tile
+from mmeff.families.llava import LlavaAdapter
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+    span_inputs = ("image_sizes",)
+
+    def _count_images(self, inputs: dict[str, Any], per_sample_runs: list[list[tuple[int, int]]]) -> int:
+        if inputs.get("image_sizes") is None:
+            if any(per_sample_runs):
+                raise ImageTokenMismatchError("llava_next: the prompt has image tokens but no image_sizes were given")
+            return 0
+        return len(inputs["image_sizes"])
+
+    def image_layouts(self, inputs: dict[str, Any], n_images: int) -> list[tuple[tuple[Tile, ...], int]]:
+        cfg = self.model.config
+        side = self._side()
+        lead = 1 if cfg.vision_feature_select_strategy == "full" else 0
+        base = Tile(lead, side, side)
+        out = []
+        for size in inputs["image_sizes"][:n_images]:
+            size = torch.as_tensor(size).tolist()
+            rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            # the unpadded grid's shape, computed by the same function the model applies to its features
+            h, w = unpad_image(torch.empty(1, rows * side, cols * side), torch.tensor(size)).shape[1:]
+            out.append(((base, Tile(lead + base.length, int(h), int(w), newline=True)), lead))
+        return out
