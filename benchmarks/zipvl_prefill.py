@@ -132,8 +132,7 @@ def main() -> None:
         name = args.preset if tau is None else f"{args.preset} tau={tau}"
         with mmeff.wrap(model, args.preset, **({} if tau is None else {"tau": tau})) as handle:
             rows[name] = measure(model, inputs, args.repeats, device)
-            method = handle.pipeline.methods[-1]
-            rows[name]["important_ratio"] = method.last_stats.get("important_ratio", float("nan"))
+            rows[name]["important_ratio"] = handle.stats.get("important_ratio", float("nan"))
             rows[name]["kv_cache_bytes"] = handle.stats["kv_cache_bytes"]
     base = rows["none"]
     n_tokens = inputs["input_ids"].shape[1]

@@ -5,7 +5,8 @@
 """
 
 from mmeff.api import Handle, handle_of, unwrap, wrap
-from mmeff.config import MethodConfig, method_names, register_method
+from mmeff.config import MethodConfig
+from mmeff.engine.method import method_names, register_method
 from mmeff.errors import (
     ConfigError,
     ImageTokenMismatchError,

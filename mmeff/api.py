@@ -9,7 +9,8 @@ from weakref import WeakKeyDictionary
 from torch import nn
 
 import mmeff.methods  # noqa: F401  (registers the built-in methods)
-from mmeff.config import MethodConfig, lookup
+from mmeff.config import MethodConfig
+from mmeff.engine.method import lookup
 from mmeff.engine.pipeline import Pipeline
 from mmeff.engine.static_decode import check_device
 from mmeff.errors import MmeffError
@@ -36,8 +37,9 @@ class Handle:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Measured at the last prefill: visual tokens in / kept (mean over layers), KV-cache bytes."""
-        return dict(self.pipeline.stats)
+        """Measured at the last prefill: visual tokens in / kept (mean over layers), KV-cache bytes, decoded tokens,
+        each method's own measurements; with ``wrap(..., timing=True)`` also ``prefill_ms`` / ``decode_ms``."""
+        return self.pipeline.stats
 
     def remove(self) -> None:
         if _HANDLES.get(self.model) is self:
@@ -59,6 +61,7 @@ def wrap(
     preset: str | MethodConfig | Sequence[str | MethodConfig] = "none",
     *,
     cuda_graphs: bool = False,
+    timing: bool = False,
     **overrides: Any,
 ) -> Handle:
     """Attach the stages of ``preset`` to ``model`` (in place) and return a :class:`Handle`.
@@ -69,13 +72,16 @@ def wrap(
 
     ``cuda_graphs=True``: decode steps read a preallocated KV cache and replay one CUDA graph per token
     (:mod:`mmeff.engine.static_decode`; the model must sit on one CUDA device, and every method be graphable).
+
+    ``timing=True``: ``handle.stats`` also reports the prefill and decode wall times; each forward then waits for
+    the device at its start and end, so leave it off where speed matters.
     """
     if model in _HANDLES:
         raise MmeffError("this model is already wrapped; call mmeff.unwrap(model) first")
     adapter = adapter_for(model)
     configs = resolve(preset, adapter.family, overrides)
     methods = [lookup(c.method)[1](c, adapter) for c in configs]
-    pipeline = Pipeline(model, adapter, methods)
+    pipeline = Pipeline(model, adapter, methods, timing=timing)
     if cuda_graphs:
         check_device(model)
     pipeline.attach()

@@ -11,8 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmeff.methods.vflowopt.tune import write_preset
-from mmeff.presets import get_preset
+from mmeff.presets import get_preset, write_preset
 
 
 def main(src: str, out_dir: str) -> None:

@@ -5,6 +5,7 @@ for LLaVA families; Qwen's token types extended with text for generated tokens).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -36,3 +37,8 @@ def greedy_recompute(
         for h in handles:
             h.remove()
     return ids, logits
+
+
+def method_data(handle: Any, index: int = 0) -> Any:
+    """The per-generation ``Data`` of the handle's ``index``-th method in its current state."""
+    return handle.pipeline.methods[index].data(handle.pipeline.state)

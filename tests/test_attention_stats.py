@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import mmeff
-from mmeff.engine.method import Method, Point
+from mmeff.engine.method import Method, Point, lookup
 from mmeff.engine.pipeline import Pipeline
 from mmeff.families import adapter_for
-from mmeff.kernels.attention_stats import received_attention_reference, triton_available
+from mmeff.kernels import triton_available
+from mmeff.kernels.attention_stats import received_attention_reference
 from mmeff.methods.fastv import FastVConfig
 from mmeff_lab.models.factory import FAMILIES, load_tiny
 from tests.test_wrap import batch
@@ -72,7 +73,7 @@ def test_geometry_matches_masks_with_fastv(tiny_model_dir, family):
     model, processor = load_tiny(tiny_model_dir(family), attn_implementation="eager")
     inputs = batch(processor, family)
     adapter = adapter_for(model)
-    fastv = mmeff.config.lookup("fastv")[1](FastVConfig(k=1, ratio=0.5), adapter)
+    fastv = lookup("fastv")[1](FastVConfig(k=1, ratio=0.5), adapter)
     probe = _Probe(mmeff.NoneConfig(), adapter)
     probe.seen = []
     pipe = Pipeline(model, adapter, [fastv, probe])

@@ -10,10 +10,11 @@ import mmeff
 from mmeff.errors import ConfigError
 from mmeff.families import adapter_for
 from mmeff.heads import save_head
+from mmeff.methods._teacher import make_batch
 from mmeff.methods.dyvte.method import DyVTE, DyVTERouters, router_features, text_after_image
 from mmeff.methods.dyvte.train import exit_labels, head_tensors, train_dyvte
 from mmeff_lab.models.factory import load_tiny
-from mmeff_lab.training.data import make_batch, synthetic_examples
+from mmeff_lab.training.data import synthetic_examples
 from tests.helpers import greedy_recompute
 from tests.test_wrap import batch
 
@@ -91,7 +92,7 @@ def test_exit_removes_visual_spans_and_generation_equals_reference(models, tmp_p
     assert torch.equal(out.sequences, ref_ids), family
     for got, want in zip(out.logits, ref_logits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert method.last_exit_layers == exits
+    assert handle.stats["exit_layers"] == exits
     # routers asked in layer order while some sample still held its image, never at decode
     assert [a[0] for a in asked] == [1, 2, 3]
     n_vis = visual.sum(1)
@@ -163,7 +164,7 @@ def test_training_steps_change_only_routers_and_load(tiny_model_dir, tmp_path):
     inputs = make_batch(processor, [next(synthetic_examples(1))]).prompt
     with mmeff.wrap(model, "dyvte", checkpoint=str(ckpt)) as handle:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        exits = handle.pipeline.methods[0].last_exit_layers
+        exits = handle.stats["exit_layers"]
     assert len(exits) == 1 and 1 <= exits[0] <= routers.num_layers
     bad = save_head(tmp_path / "bad.safetensors", head_tensors(routers), {**meta, "num_layers": 7})
     with pytest.raises(ConfigError, match=r"bad\.safetensors"):

@@ -9,8 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 import mmeff
+from mmeff.engine.ranking import keep_top
 from mmeff.families import adapter_for
 from mmeff.heads import save_head
+from mmeff.methods._teacher import make_batch
 from mmeff.methods.explain.method import (
     Explain,
     RelevanceMapper,
@@ -20,10 +22,9 @@ from mmeff.methods.explain.method import (
     probe_weights,
 )
 from mmeff.methods.explain.train import chefer_rule, eager_text, head_tensors, relevance_and_channels
-from mmeff.methods.fastv import keep_top
 from mmeff_lab.cli import app
 from mmeff_lab.models.factory import FAMILIES, load_tiny
-from mmeff_lab.training.data import make_batch, synthetic_examples
+from mmeff_lab.training.data import synthetic_examples
 from tests.test_dyvte import visual_mask
 from tests.test_fastv import reference_generate
 from tests.test_wrap import batch

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmeff_lab.models.factory import FAMILIES, build_tiny, load_tiny, make_inputs, random_image
+from mmeff.families.prompt import make_inputs
+from mmeff_lab.models.factory import FAMILIES, build_tiny, load_tiny, random_image
 
 # Image sizes (width, height): non-square and distinct so anyres tiles / dynamic Qwen grids differ per image.
 SIZES = [(48, 40), (40, 64), (64, 32)]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mmeff
+from mmeff.engine.ranking import keep_top
 from mmeff.families import adapter_for
-from mmeff.methods.fastv import keep_top
 from tests.helpers import greedy_recompute
 from tests.test_wrap import batch
 

@@ -10,6 +10,7 @@ import torch
 
 import mmeff
 from mmeff.families import adapter_for
+from mmeff.families.prompt import make_inputs
 from mmeff.methods import fia, pai, var, vcd, vhr  # noqa: F401  (registration)
 from mmeff.methods._halluc import text_only_inputs
 from mmeff.methods.fia import dual_stream
@@ -17,7 +18,8 @@ from mmeff.methods.pai import cfg_logits
 from mmeff.methods.var import discover_sink_dims, redistribute, sink_scores
 from mmeff.methods.vcd import add_diffusion_noise, contrast
 from mmeff.methods.vhr import head_divergence, reinforced_heads
-from mmeff_lab.models.factory import load_tiny, make_inputs, random_image
+from mmeff_lab.models.factory import load_tiny, random_image
+from tests.helpers import method_data
 from tests.test_wrap import batch
 
 GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -129,7 +131,7 @@ def test_sdpa_equals_eager_and_batch_equals_single(models):
             with mmeff.wrap(model, preset, **ov) as handle:
                 outs.append(model(**inputs).logits[:, -1])
                 if preset == "var":  # the settings really redistribute something
-                    assert any(s.any() for s in handle.pipeline.state.scratch["var"]["selected"].values())
+                    assert any(s.any() for s in method_data(handle).selected.values())
                 alone = model(**single).logits[:, -1]
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(outs[1][1], alone[0], rtol=1e-3, atol=1e-3, msg=lambda m, p=preset: f"{p}: {m}")
@@ -160,7 +162,7 @@ def test_vhr_divergence_matches_two_unwrapped_runs(models):
     want = torch.where(reinforced_heads(vhd, t), 2.0, 1.0)
     with mmeff.wrap(sdpa, "vhr", layers=(layer,), layers_of=0) as handle:
         sdpa(**inputs)
-        got = handle.pipeline.state.scratch["vhr"]["scale"][layer]
+        got = method_data(handle).scale[layer]
         assert "vhr_extra_ms" in handle.stats
     torch.testing.assert_close(got, want)
 
@@ -174,7 +176,7 @@ def test_fia_selection_from_eager_vision_attention(models):
     att = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
     with mmeff.wrap(sdpa, "fia") as handle:
         sdpa(**inputs)
-        top, bottom = handle.pipeline.state.scratch["fia"]
+        top, bottom = method_data(handle).streams
     spans = adapter_for(sdpa).spans(inputs["input_ids"], inputs)
     for b in range(2):
         sp = spans[b][0]
@@ -199,7 +201,7 @@ def test_contrastive_streams_match_full_recompute(models):
     for preset in ("vcd", "pai"):
         with mmeff.wrap(sdpa, preset, alpha=0.0 if preset == "pai" else 1.0) as handle:
             out = sdpa.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
-            side = handle.pipeline.state.scratch[preset]["side"]
+            side = method_data(handle).side
         ref = sdpa.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
         side_in = dict(side.inputs)
         n_prompt = inputs["input_ids"].shape[1]

@@ -11,7 +11,8 @@ import torch
 
 from mmeff.families import FAMILY_NAMES, adapter_for
 from mmeff.families.base import ImageSpan, Tile, runs
-from mmeff_lab.models.factory import FAMILIES, load_tiny, make_inputs, random_image
+from mmeff.families.prompt import make_inputs
+from mmeff_lab.models.factory import FAMILIES, load_tiny, random_image
 from tests.test_wrap import SIZES, batch
 
 

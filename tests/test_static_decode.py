@@ -28,7 +28,7 @@ def generate(model, inputs, preset: str, static: bool | None, reserve: int = 2) 
         if static is not None:
             handle.pipeline.enable_static_decode(capture=static, reserve=reserve)
         out = model.generate(**inputs, **GEN)
-        runs = handle.pipeline.state.scratch.get("static_decode") if handle.pipeline.state else None
+        runs = handle.pipeline.state.static_run if handle.pipeline.state else None
         info = {"run": runs, "stats": handle.stats}
     return out, info
 
@@ -141,10 +141,10 @@ def test_buffers_are_freed_with_the_generation(tiny_model_dir):
         with mmeff.wrap(model, "fastv") as handle:
             handle.pipeline.enable_static_decode(capture=False)
             model.generate(**inputs, **GEN)
-            first = weakref.ref(handle.pipeline.state.scratch["static_decode"])
+            first = weakref.ref(handle.pipeline.state.static_run)
             model.generate(**inputs, **GEN)
             assert first() is None
-            second = weakref.ref(handle.pipeline.state.scratch["static_decode"])
+            second = weakref.ref(handle.pipeline.state.static_run)
         assert second() is None
     finally:
         gc.enable()

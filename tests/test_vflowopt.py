@@ -4,18 +4,20 @@ the cache against a slow reference that recomputes everything per step (independ
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import mmeff
 from mmeff.families import adapter_for
+from mmeff.families.llava import LlavaAdapter
 from mmeff.kernels.vflowopt_score import reference as ref
 from mmeff.methods.vflowopt.budget import averaged_budget, fastv_ratio_for_budget, kept_fraction, solve_last_ratio
-from mmeff.methods.vflowopt.method import VFlowOptConfig, cell_ids, clip_tile_entropy, merge_cells, recycle_plan
+from mmeff.methods.vflowopt.method import VFlowOptConfig, cell_ids, merge_cells, recycle_plan, token_entropy
 from mmeff.presets import get_preset
 from mmeff_lab.models.factory import load_tiny
-from tests.helpers import greedy_recompute
+from tests.helpers import greedy_recompute, method_data
 from tests.test_wrap import batch
 
 
@@ -36,13 +38,16 @@ def test_grey_levels_follow_official_rounding():
     assert ref.grey_levels(px).flatten().tolist() == [255, round(0.3333 * (127 + 63)), round(0.3333 * 255)]
 
 
-def test_clip_tile_entropy_layout():
+def test_clip_token_regions_and_entropy_layout():
     # a 2x2-patch tile: patch (0, 1) is two-valued, the others flat -> entropy map [0, 1, 0, 0] row-major
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     px = torch.zeros(1, 3, 8, 8)
     px[:, :, :2, 4:] = 1.0
-    ent = clip_tile_entropy(px, 4, mean, std)
-    torch.testing.assert_close(ent, torch.tensor([[0.0, 1.0, 0.0, 0.0]]), atol=1e-5, rtol=0)
+    clip = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(patch_size=4)))
+    regions, counts = LlavaAdapter(clip).token_regions(px, None)
+    assert regions.shape == (4, 3, 16) and counts == [4]
+    ent = token_entropy(regions, mean, std)
+    torch.testing.assert_close(ent, torch.tensor([0.0, 1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
 
 
 def dense_relevance(a: torch.Tensor, t: float) -> torch.Tensor:
@@ -99,7 +104,7 @@ def test_clip_relevance_matches_eager_attentions(tiny_model_dir):
     cfg = VFlowOptConfig(t=1.0, alpha_v=0.0, llm_layers=(), llm_ratios=(), layers_of=0, vision_layer=layer)
     with mmeff.wrap(model, cfg) as handle:
         model(**inputs)
-        units = handle.pipeline.state.scratch["vflowopt"]
+        units = method_data(handle).scores
     want = [dense_relevance(a.float().mean(0), 1.0)[1:] for a in out.attentions[layer]]
     spans = [sp for sample in adapter_for(model).spans(inputs["input_ids"], inputs) for sp in sample]
     for b, sp in zip([0, 1, 1], spans):
@@ -272,7 +277,7 @@ def test_vflowopt_generate_equals_slow_reference(models):
     cap = adapter_for(eager).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     with mmeff.wrap(eager, cfg) as handle:
         eager(**inputs)
-        scores = handle.pipeline.state.scratch["vflowopt"]
+        scores = method_data(handle).scores
         spans = handle.pipeline.state.spans
     cap.remove()
     removed, merged, counts = plan(scores, spans, x0["h"], CFG)
@@ -327,7 +332,8 @@ def _n_prunable(state, g, b, sp) -> int:
 @torch.no_grad()
 def test_text_only_prompt_is_untouched(tiny_model_dir):
     # no image: no input stage, and the LLM stages must not look for scores that were never made
-    from mmeff_lab.models.factory import load_tiny, make_inputs
+    from mmeff.families.prompt import make_inputs
+    from mmeff_lab.models.factory import load_tiny
 
     model, processor = load_tiny(tiny_model_dir("llava"))
     inputs = make_inputs(processor, ["a prompt without any image"], [[]])

@@ -6,17 +6,12 @@ import pytest
 import torch
 
 import mmeff
+from mmeff.families.prompt import make_inputs
 from mmeff.methods.vflowopt.budget import averaged_budget, solve_last_ratio
-from mmeff.methods.vflowopt.tune import (
-    objective_value,
-    r1_interval,
-    reference_samples,
-    search_space,
-    tune_vflowopt,
-    write_preset,
-)
-from mmeff.presets import get_preset
-from mmeff_lab.models.factory import load_tiny, make_inputs
+from mmeff.methods.vflowopt.tune import objective_value, r1_interval, search_space, tune_vflowopt
+from mmeff.presets import get_preset, write_preset
+from mmeff_lab.models.factory import load_tiny
+from mmeff_lab.training.data import TrainingDataError, reference_samples
 
 
 def test_objective_and_space():
@@ -30,7 +25,7 @@ def test_objective_and_space():
     assert solve_last_ratio(0.9, 0.15, (2, 4), (lo, 0.0), 6) == pytest.approx(1.0)
     assert solve_last_ratio(0.9, 0.15, (2, 4), (hi, 0.0), 6) == pytest.approx(0.0)
     assert (lo, hi) == pytest.approx((0.5, 1.0))
-    with pytest.raises(mmeff.ConfigError, match="TRAIN_SEEDS"):
+    with pytest.raises(TrainingDataError, match="TRAIN_SEEDS"):
         reference_samples(3, seed0=-1)
 
 

@@ -7,7 +7,8 @@ import torch
 
 import mmeff
 from mmeff.engine.method import Method, Point
-from mmeff_lab.models.factory import FAMILIES, load_tiny, make_inputs, random_image
+from mmeff.families.prompt import make_inputs
+from mmeff_lab.models.factory import FAMILIES, load_tiny, random_image
 
 SIZES = [(48, 40), (40, 64), (64, 32)]
 
@@ -161,7 +162,7 @@ def test_suspended_runs_the_unwrapped_model(family_model):
     family, model, processor = family_model
     inputs = batch(processor, family)
     ref = model(**inputs).logits
-    with mmeff.wrap(model, "fastv", k=1) as handle:
+    with mmeff.wrap(model, "fastv", k=1, timing=True) as handle:
         pruned = model(**inputs).logits
         stats = handle.stats
         with handle.pipeline.suspended():

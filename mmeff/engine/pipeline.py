@@ -1,21 +1,26 @@
 """The pipeline: attaches a list of methods to an unmodified HF VLM through removable hooks, and runs them.
 
 Nothing of the model is replaced: every change is a forward (pre-)hook on an existing module, an entry in
-transformers' attention registry selected through the decoder config, or layer objects inside the
-``DynamicCache`` that ``generate`` created. ``detach`` removes all of it, so the model is the original module
-for module (``mmeff.unwrap``).
+transformers' attention registry selected through the decoder config, an instance attribute recording the
+vision encoding's inputs, or layer objects inside the ``DynamicCache`` that ``generate`` created. ``detach``
+removes all of it, so the model is the original module for module (``mmeff.unwrap``). Methods install nothing
+themselves: they override the hooks of :class:`~mmeff.engine.method.Method` and the pipeline calls them here, in
+this order, per forward call (``model(...)`` or one ``generate`` step):
 
-Per forward call (``model(...)`` or one ``generate`` step):
-1. top-level pre-hook: phase (prefill = empty cache); at prefill the visual spans from ``input_ids``, a new
-   :class:`~mmeff.engine.state.State`, ``Method.begin``;
-2. decoder pre-hook: the cache gets :class:`~mmeff.engine.cache.SlotLayer` layers when a stage removes tokens or owns
-   the cache;
-3. each decoder layer's pre-hook: token selections (prefill), then the layer's mask, rotary embeddings and
-   position ids are gathered to the slots its group holds (the model builds them in original coordinates);
-4. attention hooks and head scaling inside the layer; the last layer's hook scatters the kept hidden states
-   back to the prompt length (a removed token's state stays what it was when removed), so outputs keep the
-   shape the unwrapped model gives;
-5. top-level forward hook: logits stages, cost measurements (tokens kept, KV bytes).
+1. vision tower (``Point.ENCODER``): before each observed vision layer's attention, ``observe_vision``;
+2. top-level pre-hook: phase (prefill = empty cache); at prefill the visual spans from ``input_ids``, a new
+   :class:`~mmeff.engine.state.State` with each method's fresh ``Data``, ``begin``;
+3. decoder pre-hook: the cache gets :class:`~mmeff.engine.cache.SlotLayer` layers when a stage removes tokens
+   or owns the cache;
+4. each decoder layer's pre-hook: ``select`` (prefill), then the layer's mask, rotary embeddings and position ids
+   are gathered to the slots its group holds (the model builds them in original coordinates), then
+   ``layer_input``;
+5. inside the layer: ``attention_hooks``; before ``o_proj``, ``observe_heads`` then ``head_scale``; the last
+   layer's hook scatters the kept hidden states back to the prompt length (a removed token's state stays what
+   it was when removed), so outputs keep the shape the unwrapped model gives;
+6. top-level forward hook: ``process_logits``; the step's measurements.
+
+The pipeline is also each method's :class:`~mmeff.engine.method.Host`: the few services a method may ask for.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import contextlib
 import functools
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,29 +39,41 @@ from torch.utils.hooks import RemovableHandle
 from mmeff.engine import attention
 from mmeff.engine.cache import CACHE_KWARGS, SlotLayer, cache_kwarg, cache_nbytes, find_cache, install_slot_layers
 from mmeff.engine.method import EXCLUSIVE_POINTS, Method, Point
+from mmeff.engine.side_stream import SideStream
 from mmeff.engine.state import Group, State, gather_seq, identity_group, restrict_mask, select
 from mmeff.engine.static_decode import RESERVE, StaticDecoder
 from mmeff.errors import MmeffError, StageConflictError, UnsupportedModelError
 from mmeff.families.base import Adapter
 
 
+class _EndOfEmbedding(Exception):
+    """Stops a forward once decoder layer 0's inputs are known (:meth:`Pipeline.decoder_inputs`)."""
+
+
 class Pipeline:
-    def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method]) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method], timing: bool = False) -> None:
         self.model = model
         self.adapter = adapter
         self.methods = methods
+        self.timing = timing  # measure prefill / decode wall time (synchronises the device at each forward)
         self.state: State | None = None
-        self.stats: dict[str, Any] = {}
         self._handles: list[RemovableHandle] = []
         self._orig_attn: str | None = None
         self._signature = inspect.signature(model.forward)
         self._memo: dict[tuple[int, int], Any] = {}
         self._encoder_inputs: dict[str, Any] = {}
+        self._tower_call: tuple[tuple, dict[str, Any]] | None = None
         self._patched: list[tuple[Any, str]] = []
+        self._layer_kwargs: dict[str, Any] = {}
+        self._probe: tuple[int, list[Any]] | None = None
+        self._heads: tuple[int, Callable[[torch.Tensor], torch.Tensor | None]] | None = None
         self._t0 = 0.0
         self._suspended = False
+        self._measured: dict[str, Any] = {}
         self.static: StaticDecoder | None = None
         self.validate()
+        for m in methods:
+            m.host = self
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -87,14 +104,14 @@ class Pipeline:
         return any(Point.CACHE in m.points for m in self.methods)
 
     def enable_static_decode(self, capture: bool = True, reserve: int = RESERVE) -> None:
-        """Run single-token decode steps over static KV buffers (:mod:`mmeff.engine.static_decode`), replayed from a
-        CUDA graph when ``capture`` (``capture=False``: the same static step, eagerly — the CPU reference)."""
+        """Run single-token decode steps over static KV buffers (:mod:`mmeff.engine.static_decode`), replayed from
+        a CUDA graph when ``capture`` (``capture=False``: the same static step, eagerly — the CPU reference)."""
         if self.static is None:
             static = StaticDecoder(self, capture, reserve)
             static.attach()  # refuses methods that are not graphable
             self.static = static
 
-    def add_hook(self, handle: RemovableHandle) -> None:
+    def _hook(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)
 
     def attach(self) -> None:
@@ -109,22 +126,51 @@ class Pipeline:
         self._orig_attn = cfg._attn_implementation
         cfg._attn_implementation = attention.PREFIX + base
         model, lm = self.model, self.adapter.language_model
-        self.add_hook(model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
-        self.add_hook(model.register_forward_hook(self._top_post, with_kwargs=True))
-        self.add_hook(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self._hook(model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self._hook(model.register_forward_hook(self._top_post, with_kwargs=True))
+        self._hook(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         layers = self.adapter.layers
         for i, layer in enumerate(layers):
-            self.add_hook(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+            self._hook(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
             site = attention.Site(i, self._attn_hooks(i), self._phase, self._geometry(i))
             attention.SITES[self.adapter.attention(layer)] = site
-        self.add_hook(layers[-1].register_forward_hook(self._last_layer_post))
-        if any(m.overrides("head_scale") for m in self.methods):
+        self._hook(layers[-1].register_forward_hook(self._last_layer_post))
+        if any(m.overrides("head_scale") or m.overrides("observe_heads") for m in self.methods):
             for i, layer in enumerate(layers):
                 o_proj = self.adapter.attention(layer).o_proj
-                self.add_hook(o_proj.register_forward_pre_hook(self._head_scale(i)))
+                self._hook(o_proj.register_forward_pre_hook(self._o_proj_pre(i)))
+        self._attach_encoder()
         self._record_encoder_inputs()
+
+    def _attach_encoder(self) -> None:
+        """Point.ENCODER: the tower's arguments, then each observed vision layer's attention input."""
+        observers: dict[int, list[Method]] = {}
         for m in self.methods:
-            m.attach(self)
+            for layer in m.vision_layers:
+                observers.setdefault(layer, []).append(m)
+        if not observers:
+            return
+        self._hook(self.adapter.vision_tower.register_forward_pre_hook(self._tower_pre, with_kwargs=True))
+        layers = self.adapter.vision_layers()
+        for idx in sorted(observers):
+            attn = self.adapter.vision_attention(layers[idx])
+            self._hook(attn.register_forward_pre_hook(self._vision_pre(idx, observers[idx]), with_kwargs=True))
+
+    def _tower_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._tower_call = None if self._suspended else (args, kwargs)
+
+    def _vision_pre(self, idx: int, methods: list[Method]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._suspended:  # a side stream's tower call (e.g. VCD's noised image)
+                return
+            if self._tower_call is None:
+                raise MmeffError("mmeff: a vision layer ran without its tower's pre-hook (unexpected call order)")
+            call = self.adapter.vision_call(idx, module, args, kwargs, *self._tower_call)
+            with torch.no_grad():
+                for m in methods:
+                    m.observe_vision(call)
+
+        return hook
 
     def _record_encoder_inputs(self) -> None:
         """Record the arguments of the vision encoding (pixels, image sizes, grids).
@@ -165,22 +211,91 @@ class Pipeline:
         self.adapter.text_config._attn_implementation = self._orig_attn
         self.state = None
 
-    # -- hooks ----------------------------------------------------------------------------------------------
+    # -- what a method may ask for (the Host protocol) --------------------------------------------------------
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
-        """Run the model inside a hook as if unwrapped (e.g. a method's extra no-image or noised-image forward):
+        """Run the model inside a hook as if unwrapped (a method's extra no-image or noised-image forward):
         every mmeff hook passes through, and the current generation's state is restored afterwards."""
-        saved, saved_stats, saved_enc = self.state, self.stats, self._encoder_inputs
+        saved, saved_measured, saved_enc = self.state, self._measured, self._encoder_inputs
+        saved_layer_kwargs, saved_tower = self._layer_kwargs, self._tower_call
         self.state, self._suspended = None, True
         try:
             yield
         finally:
-            self.state, self.stats, self._encoder_inputs, self._suspended = saved, saved_stats, saved_enc, False
+            self.state, self._measured, self._encoder_inputs, self._suspended = saved, saved_measured, saved_enc, False
+            self._layer_kwargs, self._tower_call = saved_layer_kwargs, saved_tower
 
     @property
     def is_suspended(self) -> bool:
         """True inside :meth:`suspended` (a method's extra forward of the unwrapped model is running)."""
         return self._suspended
+
+    def side_stream(self, inputs: dict[str, Any]) -> SideStream:
+        return SideStream(self.model, self.adapter, self.suspended, inputs)
+
+    def decoder_inputs(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        captured: dict[str, Any] = {}
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _EndOfEmbedding
+
+        handle = self.adapter.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with self.suspended(), torch.no_grad():
+                self.model(**inputs, use_cache=False)
+        except _EndOfEmbedding:
+            pass
+        finally:
+            handle.remove()
+        return captured["hidden"], captured["kwargs"]
+
+    def run_layer(self, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any],
+                  heads: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
+        self._heads = None if heads is None else (layer, heads)
+        try:
+            with self.suspended(), torch.no_grad():
+                out = self.adapter.layers[layer](hidden, **kwargs)
+        finally:
+            self._heads = None
+        return out[0] if isinstance(out, tuple) else out
+
+    def probe_attention(self, layer: int, hidden: torch.Tensor, hooks: list[Any]) -> None:
+        block = self.adapter.layers[layer]
+        norm = getattr(block, "input_layernorm", None)
+        if norm is None:
+            raise MmeffError(f"mmeff: {type(block).__name__} has no input_layernorm to probe layer {layer} with")
+        skip = (*CACHE_KWARGS, "use_cache", "hidden_states")  # the probe must not write the KV cache
+        kwargs = {k: v for k, v in self._layer_kwargs.items() if k not in skip}
+        attn = self.adapter.attention(block)
+        self._probe = (layer, hooks)
+        try:
+            attn(hidden_states=norm(hidden), **{cache_kwarg(attn.forward): None}, **kwargs)
+        finally:
+            self._probe = None
+
+    # -- measurements -------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The last prefill's measurements (visual tokens in / kept, KV bytes), decoded tokens, every method's
+        ``stats``, and with ``timing`` the prefill / decode wall times. Device values are recorded without a host
+        synchronisation during the run and read back here."""
+        return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in self._measured.items()}
+
+    def _measure_prefill(self, st: State, output: Any) -> None:
+        kept = st.kept_visual_per_layer(len(self.adapter.layers)).float()
+        self._measured = {
+            "visual_tokens_in": st.visual.sum(1).float().mean(),
+            "visual_tokens_kept": kept.mean(),
+            "visual_tokens_kept_per_layer": kept.mean(0),
+            "kv_cache_bytes": cache_nbytes(find_cache(output)),
+            "decode_tokens": 0,
+        }
+        if self.timing:
+            self._measured.update(prefill_ms=self._clock() - self._t0, decode_ms=0.0)
+        for m in self.methods:
+            self._measured.update(m.stats(st))
 
     def _clock(self) -> float:
         """Wall time in ms, after the device's queued work (timings of what the user waits for)."""
@@ -189,6 +304,7 @@ class Pipeline:
             torch.cuda.synchronize(device)
         return time.perf_counter() * 1e3
 
+    # -- hooks ----------------------------------------------------------------------------------------------
     def _phase(self) -> str:
         return self.state.phase if self.state is not None else "prefill"
 
@@ -199,7 +315,8 @@ class Pipeline:
         inputs.update(inputs.pop("kwargs", {}) or {})
         cache = find_cache(inputs)
         self._memo.clear()
-        self._t0 = self._clock()
+        if self.timing:
+            self._t0 = self._clock()
         if cache is not None and cache.get_seq_length() > 0:
             if self.state is None:
                 if self.removes_tokens:
@@ -208,7 +325,7 @@ class Pipeline:
             st = self.state
             if st.phase == "prefill":
                 st.phase = "decode"
-            st.scratch["step_tokens"] = self._query_length(inputs)
+            st.step_tokens = self._query_length(inputs)
             return
         for key, value in self._encoder_inputs.items():  # features encoded before this forward (generate)
             if inputs.get(key) is None:
@@ -230,24 +347,26 @@ class Pipeline:
     def _new_state(self, inputs: dict) -> State:
         input_ids = inputs.get("input_ids")
         if input_ids is None:
-            if any(m.name != "none" for m in self.methods):
+            if any(m.points for m in self.methods):  # the baseline (`none`) uses no point and needs no spans
                 raise MmeffError("mmeff needs input_ids to find the visual tokens (inputs_embeds alone is not enough)")
             emb = inputs["inputs_embeds"]
             b, n = emb.shape[:2]
             visual = torch.zeros(b, n, dtype=torch.bool, device=emb.device)
-            return State([[] for _ in range(b)], visual, visual.clone(), inputs.get("attention_mask"), n, [])
-        b, n = input_ids.shape
-        spans = self.adapter.spans(input_ids, inputs)
-        visual = torch.zeros(b, n, dtype=torch.bool)
-        layout = torch.zeros(b, n, dtype=torch.bool)
-        for i, sample in enumerate(spans):
-            for sp in sample:
-                visual[i, sp.start : sp.end] = True
-                layout[i, sp.start : sp.end] = sp.grid()["layout"]
-        dev = input_ids.device
-        mask = inputs.get("attention_mask")
-        state = State(spans, visual.to(dev), layout.to(dev), mask, n)
-        state.groups.append(identity_group(b, n, dev))
+            state = State([[] for _ in range(b)], visual, visual.clone(), inputs.get("attention_mask"), n, [])
+        else:
+            b, n = input_ids.shape
+            spans = self.adapter.spans(input_ids, inputs)
+            visual = torch.zeros(b, n, dtype=torch.bool)
+            layout = torch.zeros(b, n, dtype=torch.bool)
+            for i, sample in enumerate(spans):
+                for sp in sample:
+                    visual[i, sp.start : sp.end] = True
+                    layout[i, sp.start : sp.end] = sp.grid()["layout"]
+            dev = input_ids.device
+            state = State(spans, visual.to(dev), layout.to(dev), inputs.get("attention_mask"), n)
+            state.groups.append(identity_group(b, n, dev))
+            state.span_inputs = {k: inputs.get(k) for k in self.adapter.span_inputs}
+        state.method_data = {m.name: m.Data() for m in self.methods if m.Data is not None}
         return state
 
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -268,6 +387,8 @@ class Pipeline:
 
     def _attn_hooks(self, layer: int):
         def hooks() -> list[Any]:
+            if self._probe is not None and self._probe[0] == layer:
+                return self._probe[1]
             if self.state is None:
                 return []
             out: list[Any] = []
@@ -304,10 +425,16 @@ class Pipeline:
             else:
                 hidden, rest = kwargs.pop("hidden_states"), ()
             if st.phase == "prefill":
-                hidden = self._apply_selections(layer, st, hidden)
+                self._layer_kwargs = kwargs  # in original coordinates, for probe_attention during select
+                try:
+                    hidden = self._apply_selections(layer, st, hidden)
+                finally:
+                    self._layer_kwargs = {}
             g = st.group_for(layer) if st.phase == "decode" else st.group
             if g is not st.groups[0]:
                 self._restrict_kwargs(layer, st, g, kwargs)
+            for m in self.methods:
+                m.layer_input(layer, st, hidden)
             return (hidden, *rest), kwargs
 
         return hook
@@ -369,15 +496,22 @@ class Pipeline:
         st.saved_hidden.clear()
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    def _head_scale(self, layer: int):
+    def _o_proj_pre(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if self._heads is not None:  # run_layer on a method's behalf: its own head callback only
+                if self._heads[0] != layer:
+                    return None
+                y = self._heads[1](args[0])
+                return None if y is None else (y, *args[1:])
             st = self.state
             if st is None:
                 return None
+            x = args[0]
+            for m in self.methods:
+                m.observe_heads(layer, st, x)
             scales = [s for m in self.methods if (s := m.head_scale(layer, st)) is not None]
             if not scales:
                 return None
-            x = args[0]
             heads = scales[0].shape[-1]
             factor = torch.stack(scales).prod(0) if len(scales) > 1 else scales[0]
             y = x.view(*x.shape[:-1], heads, -1) * factor.to(x.dtype)[:, None, :, None]
@@ -394,23 +528,14 @@ class Pipeline:
             if Point.LOGITS in m.points and getattr(output, "logits", None) is not None:
                 output.logits = m.process_logits(st, output.logits, inputs)
         if st.phase == "prefill":
-            n_layers = len(self.adapter.layers)
-            kept = st.kept_visual_per_layer(n_layers).float()
-            self.stats = {
-                "visual_tokens_in": st.visual.sum(1).float().mean().item(),
-                "visual_tokens_kept": kept.mean().item(),
-                "visual_tokens_kept_per_layer": kept.mean(0).tolist(),
-                "kv_cache_bytes": cache_nbytes(find_cache(output)),
-                "prefill_ms": self._clock() - self._t0,
-                "decode_tokens": 0,
-                "decode_ms": 0.0,
-            }
+            self._measure_prefill(st, output)
             st.phase = "decode" if find_cache(output) is not None else "prefill"
             st.decoded = 0
             if st.phase == "prefill":  # no cache: every call is a fresh prefill
                 self.state = None
         else:
-            st.decoded += st.scratch.get("step_tokens", 1)
-            self.stats["decode_tokens"] = st.decoded
-            self.stats["decode_ms"] = self.stats.get("decode_ms", 0.0) + self._clock() - self._t0
+            st.decoded += st.step_tokens
+            self._measured["decode_tokens"] = st.decoded
+            if self.timing:
+                self._measured["decode_ms"] += self._clock() - self._t0
         return output

@@ -43,7 +43,10 @@ class State:
     phase: str = "prefill"  # or "decode"
     decoded: int = 0  # tokens appended after the prompt (decode steps so far, in tokens)
     saved_hidden: list[torch.Tensor] = field(default_factory=list)  # prefill: full states at each selection
-    scratch: dict[str, Any] = field(default_factory=dict)  # per-method storage, keyed by method name
+    span_inputs: dict[str, Any] = field(default_factory=dict)  # the forward inputs the spans came from (sizes, grids)
+    step_tokens: int = 1  # decode: tokens fed by the current call
+    method_data: dict[str, Any] = field(default_factory=dict)  # each method's ``Data``, by method name
+    static_run: Any = None  # the static decode of this generation (mmeff.engine.static_decode), once begun
 
     @property
     def batch_size(self) -> int:
@@ -64,11 +67,19 @@ class State:
         """At a decode step, a layer of group ``g`` attends to its prompt slots followed by every decoded token:
         (query positions [B, q], key positions [B, slots + decoded + q], key validity (``valid`` of the prompt
         slots, default ``g.valid``; decoded tokens always valid)), in original coordinates."""
-        q = self.scratch.get("step_tokens", 1)
+        q = self.step_tokens
         start = self.n_prompt + self.decoded
         new = torch.arange(self.n_prompt, start + q, device=g.index.device).expand(g.index.shape[0], -1)
         k_valid = torch.cat([g.valid if valid is None else valid, torch.ones_like(new, dtype=torch.bool)], 1)
         return new[:, -q:], torch.cat([g.index, new], 1), k_valid
+
+    def key_positions(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, K] original position, [B, K] valid) of the keys decoder layer ``layer``'s attention sees at this
+        step: its group's slots, then (decode) every decoded token."""
+        g = self.group_for(layer)
+        if self.phase == "prefill":
+            return g.index, g.valid
+        return self.decode_slots(g)[1:]
 
     def visual_in_group(self, g: Group) -> torch.Tensor:
         """[B, L] bool: which slots of a group are (valid) visual tokens."""

@@ -24,7 +24,7 @@ captured graph is compared with on the GPU.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -34,9 +34,18 @@ from mmeff.engine import attention
 from mmeff.engine.cache import SlotLayer, cache_kwarg, find_cache
 from mmeff.engine.state import State
 from mmeff.errors import MmeffError
+from mmeff.families.base import Adapter
 
-if TYPE_CHECKING:
-    from mmeff.engine.pipeline import Pipeline
+
+class Owner(Protocol):
+    """What static decode reads of the pipeline that owns it."""
+
+    methods: list[Any]
+    adapter: Adapter
+    state: State | None
+
+    @property
+    def is_suspended(self) -> bool: ...
 
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 RESERVE = 256  # spare columns of the first buffers (doubled whenever they fill up)
@@ -47,7 +56,7 @@ class StaticDecoder:
     """Owns the static decode of one wrapped model: patches the decoder's ``forward`` and routes eligible
     single-token steps to a :class:`_Run` (one per generation, kept in the generation's state)."""
 
-    def __init__(self, pipeline: Pipeline, capture: bool = True, reserve: int = RESERVE) -> None:
+    def __init__(self, pipeline: Owner, capture: bool = True, reserve: int = RESERVE) -> None:
         self.pipeline = pipeline
         self.capture = capture
         self.reserve = reserve
@@ -102,9 +111,9 @@ class StaticDecoder:
             if cache.layers[0].filled is not None:  # the eager path cannot append to the static buffers
                 raise MmeffError(f"cuda_graphs: a decode call after static decoding began takes the eager path: {why}")
             return None
-        run = st.scratch.get("static_decode")
+        run = st.static_run
         if run is None or run.cache is not cache:
-            run = st.scratch["static_decode"] = _Run(p, st, cache, self.capture, self.reserve)
+            run = st.static_run = _Run(p, st, cache, self.capture, self.reserve)
         return run
 
 
@@ -113,11 +122,11 @@ class _Run:
     generation's state and refers to neither the state nor the pipeline (no cycle: its buffers and graph pool
     are freed as soon as the state is dropped)."""
 
-    def __init__(self, p: Pipeline, state: State, cache: DynamicCache, capture: bool, reserve: int) -> None:
+    def __init__(self, p: Owner, state: State, cache: DynamicCache, capture: bool, reserve: int) -> None:
         self.cache, self.capture = cache, capture
         self.lm = p.adapter.language_model
         self.layers = p.adapter.layers
-        self.mrope = p.adapter.family.startswith("qwen")
+        self.adapter = p.adapter
         self.base = p.adapter.text_config._attn_implementation.removeprefix(attention.PREFIX)
         self.cache_kw = cache_kwarg(type(self.layers[0]).forward)
         hooked = [m.name for m in p.methods if m.overrides("head_scale")
@@ -171,7 +180,8 @@ class _Run:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = self.lm.embed_tokens(kwargs["input_ids"])
-        positions = self._positions(kwargs.get("position_ids"), embeds.shape[0], st.n_prompt + t)
+        positions = self.adapter.decode_position_ids(kwargs.get("position_ids"), embeds.shape[0], st.n_prompt + t,
+                                                     self.step_index.device)
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape[1] != st.n_prompt + t + 1:
             raise MmeffError(
@@ -200,19 +210,6 @@ class _Run:
         for layer in self.cache.layers:
             layer.filled += 1
         return BaseModelOutputWithPast(last_hidden_state=out, **{_OUTPUT_CACHE_FIELD: self.cache})
-
-    def _positions(self, position_ids: torch.Tensor | None, batch: int, virtual: int) -> torch.Tensor:
-        """The token's position ids as the decoder's own forward would use them ([B, 1], M-RoPE: [3, B, 1]);
-        ``virtual``: its index in the full sequence (what the decoder counts from when given none)."""
-        if position_ids is None:
-            position_ids = torch.full((1, 1), virtual, dtype=torch.long, device=self.step_index.device)
-        if self.mrope:
-            if position_ids.ndim == 2:
-                position_ids = position_ids[None].expand(3, -1, -1)
-            elif position_ids.shape[0] == 4:  # text positions prepended (packed inputs)
-                position_ids = position_ids[1:]
-            return position_ids.expand(3, batch, 1)
-        return position_ids.expand(batch, 1)
 
     def _forward(self) -> torch.Tensor:
         """The decoder's single-token step on the static tensors (what the graph captures)."""

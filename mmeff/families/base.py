@@ -9,7 +9,7 @@ gathered along the sequence axis (the last axis of ids, of any leading shape —
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -71,6 +71,41 @@ class ImageSpan:
         return tl.offset + row * (tl.cols + int(tl.newline)) + col
 
 
+@dataclass
+class VisionCall:
+    """One vision-tower attention layer about to run, as an encoder observer (``Point.ENCODER``) sees it.
+
+    ``hidden`` / ``kwargs``: the attention module's input; ``pixels`` / ``grid``: the tower call's input (Qwen's
+    ``grid_thw``; None for CLIP towers). Family specifics — how q/k are projected (rotary for Qwen), which
+    positions attend to each other, how patches become LLM tokens — are the adapter's (:class:`Adapter`).
+    """
+
+    layer: int
+    module: nn.Module
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
+    pixels: torch.Tensor
+    grid: torch.Tensor | None
+    adapter: Adapter
+    _qk: tuple[torch.Tensor, torch.Tensor, float] | None = field(default=None, repr=False)
+
+    def qk(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(q, k [H, S, D] over the call's S packed positions, rotary applied; the attention's scale)."""
+        if self._qk is None:
+            self._qk = self.adapter.vision_qk(self)
+        return self._qk
+
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """([S] attention block of each position (positions attend within their block), [S] vision unit (a CLIP
+        tile, a Qwen image), number of units)."""
+        return self.adapter.vision_segments(self)
+
+    def unit_tokens(self, scores: torch.Tensor, reduce: str = "sum") -> list[torch.Tensor]:
+        """Per vision unit, the scores [S] of its positions as scores of the unit's LLM tokens (see
+        :meth:`Adapter.unit_tokens`)."""
+        return self.adapter.unit_tokens(self, scores, reduce)
+
+
 def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     """Maximal runs of True in a 1-D bool tensor as (start, length)."""
     padded = torch.cat([mask.new_zeros(1), mask.to(torch.int8), mask.new_zeros(1)])
@@ -123,7 +158,80 @@ class Adapter:
     def vision_attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
-    has_cls_token: ClassVar[bool] = True
+    vision_prefix: ClassVar[int] = 1  # leading non-patch positions of each unit in the tower (CLIP's CLS)
+    mrope: ClassVar[bool] = False  # decoder position ids have 3 rows (M-RoPE)
+
+    # -- the vision tower (Point.ENCODER): family-specific tower inputs, q/k, and patch -> token maps -----------
+    def vision_call(self, layer: int, module: nn.Module, args: tuple, kwargs: dict[str, Any],
+                    tower_args: tuple, tower_kwargs: dict[str, Any]) -> VisionCall:
+        """The :class:`VisionCall` of vision layer ``layer``'s attention, from its and its tower's arguments."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        pixels = tower_args[0] if tower_args else tower_kwargs["pixel_values"]
+        return VisionCall(layer, module, hidden, kwargs, pixels, None, self)
+
+    def vision_qk(self, call: VisionCall) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """CLIP: q/k projections of every tile's positions (CLS first), packed to [H, tiles * L, D]."""
+        module, hidden = call.module, call.hidden
+        n, s, _ = hidden.shape
+        heads = module.num_heads
+        q = module.q_proj(hidden).view(n * s, heads, -1).transpose(0, 1)
+        k = module.k_proj(hidden).view(n * s, heads, -1).transpose(0, 1)
+        return q, k, module.scale
+
+    def vision_segments(self, call: VisionCall) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """CLIP: each tile attends within itself and is its own unit."""
+        n, s = call.hidden.shape[:2]
+        ids = torch.arange(n, device=call.hidden.device).repeat_interleave(s)
+        return ids, ids, n
+
+    def unit_tokens(self, call: VisionCall, scores: torch.Tensor, reduce: str = "sum") -> list[torch.Tensor]:
+        """Per unit, its positions' scores [S] as scores of its LLM tokens, row-major: CLIP drops the CLS
+        position (one token per patch; ``reduce`` has nothing to merge)."""
+        n, s = call.hidden.shape[:2]
+        return list(scores.view(n, s)[:, self.vision_prefix :].unbind(0))
+
+    def token_regions(self, pixels: torch.Tensor, grid: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+        """The normalised pixels of each LLM token's image region, [T, C, P] packed over units, and the units'
+        token counts. CLIP: a token is one patch of its tile (row-major)."""
+        patch = self.model.config.vision_config.patch_size
+        n, c = pixels.shape[:2]
+        x = pixels.unfold(2, patch, patch).unfold(3, patch, patch)  # n, c, nh, nw, p, p
+        x = x.permute(0, 2, 3, 1, 4, 5).reshape(-1, c, patch * patch)
+        return x, [x.shape[0] // n] * n
+
+    def image_tokens(self, units: list[torch.Tensor], spans: list[ImageSpan], inputs: dict[str, Any]
+                     ) -> list[torch.Tensor] | None:
+        """Per image (in ``spans``' order, by ``image_index``), the scores of its non-layout tokens in span order,
+        from the per-unit token scores of the tower (one unit per image here). None when the units do not add
+        up to the images (the caller names the mismatch)."""
+        if len(units) != len(spans):
+            return None
+        return list(units)
+
+    # -- decoder positions --------------------------------------------------------------------------------------
+    def prefill_position_ids(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor | None:
+        """Position ids for a prefill of ``inputs`` (left padded by ``mask``), as ``generate`` builds them, or None
+        where the model must build its own."""
+        return text_positions(mask)
+
+    def text_position_ids(self, positions: torch.Tensor, rope_deltas: torch.Tensor | None) -> torch.Tensor:
+        """Position ids [B, q] of text tokens after a prefill, in the decoder's form."""
+        return positions
+
+    def decode_position_ids(self, position_ids: torch.Tensor | None, batch: int, virtual: int,
+                            device: torch.device) -> torch.Tensor:
+        """One decode step's position ids as the decoder's forward would use them ([B, 1]; M-RoPE [3, B, 1]);
+        ``virtual``: the token's index in the full sequence (what the decoder counts from when given none)."""
+        if position_ids is None:
+            position_ids = torch.full((1, 1), virtual, dtype=torch.long, device=device)
+        return position_ids.expand(batch, 1)
+
+    def rope_state(self) -> Any:
+        """Per-sequence rotary state the model keeps between calls (Qwen's ``rope_deltas``), or None."""
+        return None
+
+    def set_rope_state(self, value: Any) -> None:
+        """Restore what :meth:`rope_state` returned."""
 
     @property
     def image_token_ids(self) -> tuple[int, ...]:
@@ -168,3 +276,8 @@ class Adapter:
 
     def _count_images(self, inputs: dict[str, Any], per_sample_runs: list[list[tuple[int, int]]]) -> int:
         raise NotImplementedError
+
+
+def text_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as ``generate`` builds them (padding at 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)

@@ -9,7 +9,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from mmeff.errors import ImageTokenMismatchError
-from mmeff.families.base import Tile
+from mmeff.families.base import ImageSpan, Tile
 from mmeff.families.llava import LlavaAdapter
 
 
@@ -38,3 +38,23 @@ class LlavaNextAdapter(LlavaAdapter):
             h, w = unpad_image(torch.empty(1, rows * side, cols * side), torch.tensor(size)).shape[1:]
             out.append(((base, Tile(lead + base.length, int(h), int(w), newline=True)), lead))
         return out
+
+    def image_tokens(self, units: list[torch.Tensor], spans: list[ImageSpan], inputs: dict[str, Any]
+                     ) -> list[torch.Tensor] | None:
+        """Each image is its base tile, then its anyres tiles stitched into one grid and unpadded exactly as the
+        model lays out their features (row newlines are layout, not scored)."""
+        cfg = self.model.config
+        out: list[torch.Tensor] = []
+        pos = 0
+        for sp in spans:
+            size = torch.as_tensor(inputs["image_sizes"][sp.image_index]).tolist()
+            rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            tiles = units[pos : pos + 1 + rows * cols]
+            pos += 1 + rows * cols
+            if len(tiles) != 1 + rows * cols:
+                return None
+            side = sp.tiles[0].rows
+            grid = torch.stack(tiles[1:]).view(rows, cols, side, side).permute(0, 2, 1, 3)
+            grid = unpad_image(grid.reshape(1, rows * side, cols * side), torch.tensor(size))[0]
+            out.append(torch.cat([tiles[0], grid.flatten()]))
+        return out if pos == len(units) else None

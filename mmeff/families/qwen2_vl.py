@@ -8,16 +8,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    apply_rotary_pos_emb_vision as _rotary_2_5,
+)
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision as _rotary_2
+from transformers.vision_utils import get_vision_window_index
 
 from mmeff.errors import ImageTokenMismatchError
-from mmeff.families.base import Adapter, Tile
+from mmeff.families.base import Adapter, Tile, VisionCall, text_positions
 
 
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
     span_inputs = ("image_grid_thw", "video_grid_thw")
-    has_cls_token = False
+    vision_prefix = 0  # no CLS token
+    mrope = True
+    windowed = False  # Qwen2.5-VL: the tower runs its merged tokens in window order
+    _rotary = staticmethod(_rotary_2)
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -56,6 +64,88 @@ class Qwen2VLAdapter(Adapter):
         return out
 
 
+    # -- the vision tower ---------------------------------------------------------------------------------------
+    def vision_call(self, layer: int, module: nn.Module, args: tuple, kwargs: dict[str, Any],
+                    tower_args: tuple, tower_kwargs: dict[str, Any]) -> VisionCall:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        pixels = tower_args[0] if tower_args else tower_kwargs.get("hidden_states", tower_kwargs.get("pixel_values"))
+        grid = tower_args[1] if len(tower_args) > 1 else tower_kwargs["grid_thw"]
+        return VisionCall(layer, module, hidden, kwargs, pixels, grid, self)
+
+    def vision_qk(self, call: VisionCall) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """q/k of the packed patches (rotary applied, as the block computes them): [H, S, D]."""
+        module, hidden = call.module, call.hidden
+        n = hidden.shape[0]
+        q, k, _ = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = self._rotary(q, k, *call.kwargs["position_embeddings"])
+        return q.transpose(0, 1), k.transpose(0, 1), module.scaling
+
+    def vision_segments(self, call: VisionCall) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Blocks from the layer's ``cu_seqlens`` (frames, or windows in Qwen2.5-VL's windowed layers); units are
+        images (their patches counted from ``grid_thw``)."""
+        dev = call.hidden.device
+        cu = call.kwargs["cu_seqlens"].long()
+        block = torch.arange(cu.numel() - 1, device=dev).repeat_interleave(cu.diff())
+        sizes = call.grid.prod(-1).to(dev)
+        unit = torch.arange(sizes.numel(), device=dev).repeat_interleave(sizes)
+        return block, unit, sizes.numel()
+
+    def unit_tokens(self, call: VisionCall, scores: torch.Tensor, reduce: str = "sum") -> list[torch.Tensor]:
+        """A merged LLM token is merge x merge patches: their scores are summed (``reduce="sum"``) or averaged
+        (``"mean"``), in image order (Qwen2.5-VL's window order undone)."""
+        vc = self.vision_tower.config
+        unit = vc.spatial_merge_size**2
+        per_token = scores.view(-1, unit)
+        if self.windowed:  # internal slot i holds merged token window_index[i]
+            window_index, _ = get_vision_window_index(call.grid, vc.spatial_merge_size, vc.window_size, vc.patch_size)
+            ordered = torch.empty_like(per_token)
+            ordered[window_index.to(per_token.device)] = per_token
+            per_token = ordered
+        tokens = per_token.sum(1) if reduce == "sum" else per_token.mean(1)
+        return list(tokens.split((call.grid.prod(-1) // unit).tolist()))
+
+    def token_regions(self, pixels: torch.Tensor, grid: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+        """A merged token's region is its merge x merge patches (first temporal slice of each), [T, C, m*m*p*p]."""
+        vc = self.vision_tower.config
+        channels, temporal, merge = vc.in_channels, vc.temporal_patch_size, vc.spatial_merge_size
+        n = pixels.shape[0]
+        x = pixels.view(n, channels, temporal, -1)[:, :, 0]  # N, C, p*p
+        unit = merge * merge
+        x = x.view(n // unit, unit, channels, -1).permute(0, 2, 1, 3).reshape(n // unit, channels, -1)
+        return x, (grid.prod(-1) // unit).tolist()
+
+    # -- decoder positions: M-RoPE ---------------------------------------------------------------------------
+    def prefill_position_ids(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor | None:
+        if inputs.get("pixel_values") is not None and inputs.get("image_grid_thw") is not None:
+            return None  # with an image the model builds its own M-RoPE positions (and rope_deltas)
+        return text_positions(mask)
+
+    def text_position_ids(self, positions: torch.Tensor, rope_deltas: torch.Tensor | None) -> torch.Tensor:
+        if rope_deltas is None:
+            return positions
+        # text tokens after the image share one offset in all 3 rows
+        return (positions + rope_deltas.to(positions.device))[None].expand(3, -1, -1)
+
+    def decode_position_ids(self, position_ids: torch.Tensor | None, batch: int, virtual: int,
+                            device: torch.device) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.full((1, 1), virtual, dtype=torch.long, device=device)
+        if position_ids.ndim == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        elif position_ids.shape[0] == 4:  # text positions prepended (packed inputs)
+            position_ids = position_ids[1:]
+        return position_ids.expand(3, batch, 1)
+
+    def rope_state(self) -> Any:
+        return getattr(self.base, "rope_deltas", None)
+
+    def set_rope_state(self, value: Any) -> None:
+        if hasattr(self.base, "rope_deltas"):
+            self.base.rope_deltas = value
+
+
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    windowed = True
+    _rotary = staticmethod(_rotary_2_5)

@@ -1,6 +1,5 @@
 """The methods. Importing this package registers every built-in method by name."""
 
-from mmeff.engine.method import EXCLUSIVE_POINTS, Method, Point
 from mmeff.methods import (  # noqa: F401  (registration side effects)
     dyvte,
     explain,
@@ -14,5 +13,3 @@ from mmeff.methods import (  # noqa: F401  (registration side effects)
     vhr,
     zipvl,
 )
-
-__all__ = ["EXCLUSIVE_POINTS", "Method", "Point"]

@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import torch
 
-from mmeff.config import MethodConfig, register_method
+from mmeff.config import MethodConfig
 from mmeff.engine.attention import AttentionCall
-from mmeff.engine.method import Method, Point
+from mmeff.engine.method import Method, Point, register_method
+from mmeff.engine.ranking import keep_top
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError
 
@@ -32,17 +33,6 @@ class FastVConfig(MethodConfig):
     k: int = 2
     ratio: float = 0.5
     query: Literal["all", "last"] = "all"
-
-
-def keep_top(scores: torch.Tensor, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
-    """[B, L] keep mask: every non-candidate, plus per row the round(n * (1 - ratio)) highest-scoring candidates
-    (ties broken towards the earlier position)."""
-    n_keep = torch.round(candidates.sum(1).double() * (1.0 - ratio)).long()
-    masked = scores.float().masked_fill(~candidates, float("-inf"))
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return ~candidates | (rank < n_keep[:, None])
 
 
 def query_weights(state: State, mode: str) -> torch.Tensor:
@@ -57,17 +47,23 @@ def query_weights(state: State, mode: str) -> torch.Tensor:
     return real.float()
 
 
+@dataclass
+class _Data:
+    scores: torch.Tensor | None = None  # [B, L] attention received in layer k - 1, until the selection
+
+
 class _Collect:
-    def __init__(self, state: State, mode: str) -> None:
-        self.state, self.mode = state, mode
+    def __init__(self, data: _Data, state: State, mode: str) -> None:
+        self.data, self.state, self.mode = data, state, mode
 
     def observe(self, call: AttentionCall) -> None:
-        self.state.scratch["fastv"] = call.received(query_weights(self.state, self.mode))
+        self.data.scores = call.received(query_weights(self.state, self.mode))
 
 
 class FastV(Method):
     points = frozenset({Point.LAYER})
     graphable = True
+    Data = _Data
 
     config: FastVConfig
 
@@ -82,13 +78,14 @@ class FastV(Method):
 
     def attention_hooks(self, layer: int, state: State) -> list[Any]:
         if state.phase == "prefill" and layer == self.config.k - 1:
-            return [_Collect(state, self.config.query)]
+            return [_Collect(self.data(state), state, self.config.query)]
         return []
 
     def select(self, layer: int, state: State, hidden: torch.Tensor) -> torch.Tensor | None:
         if layer != self.config.k:
             return None
-        scores = state.scratch.pop("fastv")
+        data: _Data = self.data(state)
+        scores, data.scores = data.scores, None
         return keep_top(scores, state.prunable_in_group(state.group), self.config.ratio)
 
 

@@ -32,14 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from mmeff.config import MethodConfig, register_method
+from mmeff.config import MethodConfig
 from mmeff.engine.attention import AttentionCall
-from mmeff.engine.method import Method, Point
-from mmeff.engine.pipeline import Pipeline
+from mmeff.engine.method import Method, Point, register_method
 from mmeff.engine.state import State
-from mmeff.errors import ConfigError
+from mmeff.errors import ConfigError, MmeffError
+from mmeff.families.base import VisionCall
 from mmeff.methods._halluc import boost_last_row, check_layers, key_flags
 
 
@@ -68,29 +67,16 @@ def dual_stream(local: torch.Tensor, global_: torch.Tensor, top_ratio: float) ->
     return top & ~bottom, bottom
 
 
-def cls_attention(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """CLIP attention: [N, P] CLS-row attention to the patches (summed over heads) from the layer input."""
-    n, length, _ = hidden.shape
-    q = module.q_proj(hidden[:, :1]).view(n, 1, module.num_heads, -1).transpose(1, 2)
-    k = module.k_proj(hidden).view(n, length, module.num_heads, -1).transpose(1, 2)
-    att = torch.softmax((q @ k.transpose(-1, -2)).float() * module.scale, dim=-1)  # [N, H, 1, L]
-    return att[:, :, 0, 1:].sum(1)
-
-
-def received_attention(module: torch.nn.Module, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
-                       position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Qwen vision attention: [S] attention each patch receives, mean over the queries of its segment, summed
-    over heads (the CLS-free equivalent of a CLS row)."""
-    import sys
-
-    rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
-    s = hidden.shape[0]
-    q, k, _ = module.qkv(hidden).reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = rotary(q, k, *position_embeddings)
-    out = torch.empty(s, dtype=torch.float32, device=hidden.device)
-    bounds = cu_seqlens.tolist()
-    for a, b in itertools.pairwise(bounds):
-        att = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]).float() * module.scaling, -1)
+def segment_received(q: torch.Tensor, k: torch.Tensor, scale: float, block: torch.Tensor, prefix: int
+                     ) -> torch.Tensor:
+    """[S] attention each position receives inside its attention block (q, k: [H, S, D] packed, ``block`` [S]
+    contiguous block ids), summed over heads: from the block's first ``prefix`` rows (CLIP: the CLS row), or
+    averaged over all its rows when ``prefix`` is 0 (Qwen's CLS-free towers)."""
+    out = torch.empty(q.shape[1], dtype=torch.float32, device=q.device)
+    counts = torch.unique_consecutive(block, return_counts=True)[1].tolist()
+    for a, b in itertools.pairwise([0, *itertools.accumulate(counts)]):
+        rows = q[:, a : a + prefix] if prefix else q[:, a:b]
+        att = torch.softmax(torch.einsum("hqd,hkd->hqk", rows, k[:, a:b]).float() * scale, -1)
         out[a:b] = att.mean(1).sum(0)
     return out
 
@@ -101,7 +87,7 @@ class _Modulate:
 
     def modify_scores(self, call: AttentionCall, scores: torch.Tensor) -> torch.Tensor:
         st, c = self.state, self.method.config
-        top_orig, bottom_orig = st.scratch["fia"]
+        top_orig, bottom_orig = self.method.data(st).streams
         k_len = scores.shape[-1]
         top = key_flags(st, call.layer, k_len, top_orig).to(scores.device)
         bottom = key_flags(st, call.layer, k_len, bottom_orig).to(scores.device)
@@ -117,8 +103,14 @@ class _Modulate:
         return boost_last_row(out, bottom, beta)
 
 
+@dataclass
+class _Data:
+    streams: tuple[torch.Tensor, torch.Tensor] | None = None  # (top, bottom) [B, N] bool, original positions
+
+
 class FIA(Method):
-    points = frozenset({Point.LAYER})
+    points = frozenset({Point.ENCODER, Point.LAYER})
+    Data = _Data
 
     config: FIAConfig
 
@@ -126,100 +118,43 @@ class FIA(Method):
         c = self.config
         self.layers = check_layers("fia", c.start_layer, c.end_layer, n_layers)
         depth = len(self.adapter.vision_layers())
-        self.vision_idx = tuple(i % depth for i in (c.local_layer, c.global_layer))
         if not all(-depth <= i < depth for i in (c.local_layer, c.global_layer)):
             raise ConfigError(f"fia: vision layers ({c.local_layer}, {c.global_layer}) outside a {depth}-layer tower")
         if not 0.0 < c.top_ratio <= 1.0:
             raise ConfigError(f"fia: top_ratio must be in (0, 1], got {c.top_ratio}")
-        self._scores: dict[int, list[torch.Tensor]] = {}
-        self._grid: torch.Tensor | None = None
+        self.vision_idx = tuple(i % depth for i in (c.local_layer, c.global_layer))
+        self.vision_layers = tuple(sorted(set(self.vision_idx)))
+        # per observed vision layer, the per-unit token scores of the last tower call (the tower may run before
+        # the prefill's state exists: generate encodes images first)
+        self._units: dict[int, list[torch.Tensor]] = {}
 
-    def attach(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        layers = self.adapter.vision_layers()
-        for idx in sorted(set(self.vision_idx)):
-            attn = self.adapter.vision_attention(layers[idx])
-            pipeline.add_hook(attn.register_forward_pre_hook(self._record(idx), with_kwargs=True))
-        if not self.adapter.has_cls_token:
-            tower = self.adapter.vision_tower
-            pipeline.add_hook(tower.register_forward_pre_hook(self._record_grid, with_kwargs=True))
+    def observe_vision(self, call: VisionCall) -> None:
+        if call.layer == self.vision_layers[0]:  # first observed layer of a new tower call
+            self._units = {}
+        q, k, scale = call.qk()
+        block, _, _ = call.segments()
+        score = segment_received(q, k, scale, block, self.adapter.vision_prefix)
+        self._units[call.layer] = call.unit_tokens(score, "mean")
 
-    def _record_grid(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.pipeline.is_suspended:
-            self._grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-
-    def _record(self, idx: int):
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            if self.pipeline.is_suspended:  # a side stream's tower call (e.g. VCD's noised image)
-                return
-            hidden = args[0] if args else kwargs["hidden_states"]
-            with torch.no_grad():
-                if self.adapter.has_cls_token:
-                    score = cls_attention(module, hidden)
-                else:
-                    cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-                    score = received_attention(module, hidden, cu, kwargs["position_embeddings"])
-            if idx == min(self.vision_idx):  # first recorded layer of a new tower call
-                self._scores = {}
-            self._scores[idx] = score
-
-        return hook
-
-    # -- mapping patch scores to the decoder's visual tokens ----------------------------------------------
-    def _token_scores(self, score: torch.Tensor, state: State) -> list[torch.Tensor]:
-        """Per image (prompt order): [n_tokens] scores of its span's tokens (-inf on layout tokens)."""
-        fam = self.adapter.family
-        spans = [sp for sample in state.spans for sp in sample]
-        if fam == "llava":
-            return list(score)[: len(spans)]
-        if fam == "llava_next":
-            return self._next_scores(score, spans)
-        return self._qwen_scores(score, spans)
-
-    def _next_scores(self, score: torch.Tensor, spans: list) -> list[torch.Tensor]:
-        cfg = self.adapter.model.config
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        out, t = [], 0
-        for sp in spans:
-            _base, _grid = sp.tiles
-            rows, cols = get_anyres_image_grid_shape(self._sizes[sp.image_index], cfg.image_grid_pinpoints,
-                                                     cfg.vision_config.image_size)
-            tiles = score[t + 1 : t + 1 + rows * cols].view(rows, cols, side, side)
-            full = tiles.permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
-            crop = unpad_image(full, torch.tensor(self._sizes[sp.image_index]))[0]
-            body = torch.cat([crop, torch.full((crop.shape[0], 1), float("-inf"), device=crop.device)], 1)
-            out.append(torch.cat([score[t], body.flatten()]))
-            t += 1 + rows * cols
-        return out
-
-    def _qwen_scores(self, score: torch.Tensor, spans: list) -> list[torch.Tensor]:
-        from transformers.vision_utils import get_vision_window_index
-
-        vc = self.adapter.model.config.vision_config
-        unit = vc.spatial_merge_size**2
-        merged = score.view(-1, unit).mean(1)
-        if self.adapter.family == "qwen2_5_vl":  # blocks run in window order: undo it
-            window_index, _ = get_vision_window_index(self._grid, spatial_merge_size=vc.spatial_merge_size,
-                                                      window_size=vc.window_size, patch_size=vc.patch_size)
-            merged = merged[torch.argsort(window_index.to(merged.device))]
-        return list(torch.split(merged, [sp.length for sp in spans]))
-
-    def begin(self, state: State, inputs: dict[str, Any]) -> None:
-        sizes = inputs.get("image_sizes")
-        self._sizes = [] if sizes is None else [torch.as_tensor(s).tolist() for s in sizes]
+    def _image_scores(self, layer: int, spans: list, state: State) -> list[torch.Tensor]:
+        scores = self.adapter.image_tokens(self._units[layer], spans, state.span_inputs)
+        if scores is None:
+            raise MmeffError(f"fia: the vision tower's tiles do not add up to the prompt's {len(spans)} image(s)")
+        return scores
 
     def _select(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self._scores) < len(set(self.vision_idx)):
-            raise RuntimeError("fia: the vision tower did not run before the decoder (no CLS attention recorded)")
-        local = self._token_scores(self._scores[self.vision_idx[0]], state)
-        global_ = self._token_scores(self._scores[self.vision_idx[1]], state)
+        if len(self._units) < len(self.vision_layers):
+            raise MmeffError("fia: the vision tower did not run before the decoder (no CLS attention recorded)")
+        spans = [(b, sp) for b, sample in enumerate(state.spans) for sp in sample]
+        ordered = sorted((sp for _, sp in spans), key=lambda sp: sp.image_index)
+        local = self._image_scores(self.vision_idx[0], ordered, state)
+        global_ = self._image_scores(self.vision_idx[1], ordered, state)
         top = torch.zeros_like(state.visual)
         bottom = torch.zeros_like(state.visual)
-        spans = [(b, sp) for b, sample in enumerate(state.spans) for sp in sample]
-        for (b, sp), lo, gl in zip(spans, local, global_):
-            real = torch.isfinite(lo)
-            t, bt = dual_stream(lo[real], gl[real], self.config.top_ratio)
-            pos = torch.arange(sp.start, sp.end, device=state.visual.device)[real.to(state.visual.device)]
+        for b, sp in spans:
+            lo, gl = local[sp.image_index], global_[sp.image_index]
+            t, bt = dual_stream(lo, gl, self.config.top_ratio)
+            pos = (sp.start + (~sp.grid()["layout"]).nonzero().flatten()).to(state.visual.device)
             top[b, pos] = t.to(top.device)
             bottom[b, pos] = bt.to(top.device)
         return top, bottom
@@ -227,8 +162,9 @@ class FIA(Method):
     def attention_hooks(self, layer: int, state: State) -> list[Any]:
         if layer not in self.layers or not state.visual.any():
             return []
-        if "fia" not in state.scratch:
-            state.scratch["fia"] = self._select(state)
+        data: _Data = self.data(state)
+        if data.streams is None:
+            data.streams = self._select(state)
         return [_Modulate(self, state)]
 
 

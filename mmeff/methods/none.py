@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmeff.config import MethodConfig, register_method
-from mmeff.engine.method import Method
+from mmeff.config import MethodConfig
+from mmeff.engine.method import Method, register_method
 
 
 @dataclass(frozen=True)

@@ -20,20 +20,13 @@ from typing import Any
 
 import torch
 
-from mmeff.config import MethodConfig, register_method
+from mmeff.config import MethodConfig
 from mmeff.engine.attention import AttentionCall
-from mmeff.engine.method import Method, Point
-from mmeff.engine.pipeline import Pipeline
+from mmeff.engine.method import Method, Point, register_method
+from mmeff.engine.side_stream import SideStream
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError
-from mmeff.methods._halluc import (
-    SideStream,
-    boost_last_row,
-    check_layers,
-    key_flags,
-    last_position_logits,
-    text_only_inputs,
-)
+from mmeff.methods._halluc import boost_last_row, check_layers, key_flags, last_position_logits, text_only_inputs
 
 
 @dataclass(frozen=True)
@@ -61,8 +54,15 @@ class _Amplify:
         return boost_last_row(scores, visual, self.alpha)
 
 
+@dataclass
+class _Data:
+    side: SideStream | None = None  # the no-image prompt (CFG), None at gamma = 1
+    last: torch.Tensor | None = None  # its last logits [B, V]
+
+
 class PAI(Method):
     points = frozenset({Point.LAYER, Point.LOGITS})
+    Data = _Data
 
     config: PAIConfig
 
@@ -71,15 +71,13 @@ class PAI(Method):
         if self.config.alpha < 0:
             raise ConfigError(f"pai: alpha must be >= 0, got {self.config.alpha}")
 
-    def attach(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
         if self.config.gamma == 1.0:
             return
         pad = self.adapter.text_config.pad_token_id
-        side = SideStream(self.pipeline, text_only_inputs(state, inputs, 0 if pad is None else int(pad)))
-        state.scratch["pai"] = {"side": side, "last": side.begin()}
+        data: _Data = self.data(state)
+        data.side = self.host.side_stream(text_only_inputs(state, inputs, 0 if pad is None else int(pad)))
+        data.last = data.side.begin()
 
     def attention_hooks(self, layer: int, state: State) -> list[Any]:
         if self.config.alpha > 0 and layer in self.layers and state.visual.any():
@@ -87,12 +85,12 @@ class PAI(Method):
         return []
 
     def process_logits(self, state: State, logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        data = state.scratch.get("pai")
-        if data is None:
+        data: _Data = self.data(state)
+        if data.side is None:
             return logits
         if state.phase == "decode":
-            data["last"] = data["side"].step(inputs["input_ids"])
-        return last_position_logits(logits, cfg_logits(logits[:, -1], data["last"], self.config.gamma))
+            data.last = data.side.step(inputs["input_ids"])
+        return last_position_logits(logits, cfg_logits(logits[:, -1], data.last, self.config.gamma))
 
 
 register_method(PAIConfig, PAI)

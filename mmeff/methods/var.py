@@ -38,10 +38,9 @@ from typing import Any
 
 import torch
 
-from mmeff.config import MethodConfig, register_method
+from mmeff.config import MethodConfig
 from mmeff.engine.attention import AttentionCall
-from mmeff.engine.method import Method, Point
-from mmeff.engine.pipeline import Pipeline
+from mmeff.engine.method import Method, Point, register_method
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError
 from mmeff.methods._halluc import key_flags
@@ -95,14 +94,21 @@ def redistribute(
     return torch.where(selected[..., None], new, probs), selected
 
 
+@dataclass
+class _Data:
+    sink: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, N + decoded] sink flags (original)
+    selected: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, q] rows redistributed
+
+
 class _Redistribute:
     def __init__(self, method: VAR, state: State) -> None:
         self.method, self.state = method, state
 
     def modify_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
         st, c = self.state, self.method.config
+        data: _Data = self.method.data(st)
         k_len = probs.shape[-1]
-        sink_orig = st.scratch["var"]["sink"][call.layer]
+        sink_orig = data.sink[call.layer]
         visual = key_flags(st, call.layer, k_len, st.visual)
         sink = key_flags(st, call.layer, k_len, sink_orig)
         if st.phase == "prefill":
@@ -115,12 +121,13 @@ class _Redistribute:
             rows = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)
         out, selected = redistribute(probs, visual.to(probs.device), sink.to(probs.device), rows.to(probs.device),
                                      c.rho, c.summ, c.p)
-        st.scratch["var"]["selected"][call.layer] = selected
+        data.selected[call.layer] = selected
         return out
 
 
 class VAR(Method):
     points = frozenset({Point.LAYER})
+    Data = _Data
 
     config: VARConfig
 
@@ -169,29 +176,18 @@ class VAR(Method):
         last = self.n_layers if c.include_last else self.n_layers - 1
         return c.start_layer <= layer < last and (state.phase == "prefill" or c.decode)
 
-    def attach(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        for i, layer in enumerate(self.adapter.layers):
-            pipeline.add_hook(layer.register_forward_pre_hook(self._detect(i), with_kwargs=True))
-
-    def _detect(self, layer: int):
-        """Layer pre-hook (after the pipeline's, so hidden states are the layer's slots): sink flags."""
-
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            st = self.pipeline.state
-            if st is None or not self._active(layer, st):
-                return
-            hidden = args[0] if args else kwargs["hidden_states"]
-            flags = sink_scores(hidden, self.sink_dims) > self.config.tau
-            data = st.scratch.setdefault("var", {"sink": {}, "selected": {}})
-            if st.phase == "prefill":
-                g = st.group_for(layer)
-                sink = torch.zeros(st.visual.shape, dtype=torch.bool, device=flags.device)
-                data["sink"][layer] = sink.scatter(1, g.index, flags & g.valid)
-            else:
-                data["sink"][layer] = torch.cat([data["sink"][layer], flags], 1)
-
-        return hook
+    def layer_input(self, layer: int, state: State, hidden: torch.Tensor) -> None:
+        """Sink flags of the layer's slots (prefill: scattered to original positions; decode: appended)."""
+        if not self._active(layer, state):
+            return
+        flags = sink_scores(hidden, self.sink_dims) > self.config.tau
+        data: _Data = self.data(state)
+        if state.phase == "prefill":
+            g = state.group_for(layer)
+            sink = torch.zeros(state.visual.shape, dtype=torch.bool, device=flags.device)
+            data.sink[layer] = sink.scatter(1, g.index, flags & g.valid)
+        else:
+            data.sink[layer] = torch.cat([data.sink[layer], flags], 1)
 
     def attention_hooks(self, layer: int, state: State) -> list[Any]:
         if self._active(layer, state):
@@ -203,7 +199,7 @@ def _layer_inputs(model: torch.nn.Module, processor: Any, samples: Sequence[tupl
                   ) -> Iterator[list[torch.Tensor]]:
     """Per (text, PIL image) sample (unwrapped forward): the inputs of layers start_layer..L-1 on the real
     tokens, each [n_real, D] float32."""
-    from mmeff_lab.models.factory import make_inputs
+    from mmeff.families.prompt import make_inputs
 
     if not samples:
         raise ValueError("var: needs at least one (text, image) calibration sample")

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from mmeff.config import MethodConfig, register_method
-from mmeff.engine.method import Method, Point
-from mmeff.engine.pipeline import Pipeline
+from mmeff.config import MethodConfig
+from mmeff.engine.method import Method, Point, register_method
+from mmeff.engine.side_stream import SideStream
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError
-from mmeff.methods._halluc import SideStream, last_position_logits
+from mmeff.methods._halluc import last_position_logits
 
 # inputs of the main prompt that the noised stream reuses as they are
 _SHARED = ("input_ids", "attention_mask", "image_sizes", "image_grid_thw", "mm_token_type_ids")
@@ -57,8 +57,15 @@ def contrast(logits: torch.Tensor, noised: torch.Tensor, alpha: float, beta: flo
     return ((1 + alpha) * logits - alpha * noised).masked_fill(logits < cutoff, float("-inf"))
 
 
+@dataclass
+class _Data:
+    side: SideStream | None = None  # the prompt with the noised image, None without an image
+    last: torch.Tensor | None = None  # its last logits [B, V]
+
+
 class VCD(Method):
     points = frozenset({Point.LOGITS})
+    Data = _Data
 
     config: VCDConfig
 
@@ -69,9 +76,6 @@ class VCD(Method):
         if not 0.0 < c.beta <= 1.0:
             raise ConfigError(f"vcd: beta must be in (0, 1], got {c.beta}")
 
-    def attach(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
         pixels = inputs.get("pixel_values")
         if pixels is None:  # no image: nothing to contrast against
@@ -79,17 +83,18 @@ class VCD(Method):
         side_inputs = {k: inputs[k] for k in _SHARED if inputs.get(k) is not None}
         generator = torch.Generator().manual_seed(self.config.seed)
         side_inputs["pixel_values"] = add_diffusion_noise(pixels, self.config.noise_step, generator)
-        side = SideStream(self.pipeline, side_inputs)
-        state.scratch["vcd"] = {"side": side, "last": side.begin()}
+        data: _Data = self.data(state)
+        data.side = self.host.side_stream(side_inputs)
+        data.last = data.side.begin()
 
     def process_logits(self, state: State, logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        data = state.scratch.get("vcd")
-        if data is None:
+        data: _Data = self.data(state)
+        if data.side is None:
             return logits
         if state.phase == "decode":
-            data["last"] = data["side"].step(inputs["input_ids"])
+            data.last = data.side.step(inputs["input_ids"])
         c = self.config
-        return last_position_logits(logits, contrast(logits[:, -1], data["last"], c.alpha, c.beta))
+        return last_position_logits(logits, contrast(logits[:, -1], data.last, c.alpha, c.beta))
 
 
 register_method(VCDConfig, VCD)

@@ -19,17 +19,16 @@ as ``handle.stats["vhr_extra_ms"]``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mmeff.config import MethodConfig, register_method
-from mmeff.engine.method import Method, Point
-from mmeff.engine.pipeline import Pipeline
+from mmeff.config import MethodConfig
+from mmeff.engine.method import Method, Point, register_method
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError
-from mmeff.methods._halluc import text_only_inputs, text_positions
+from mmeff.methods._halluc import text_only_inputs
 
 
 @dataclass(frozen=True)
@@ -65,12 +64,17 @@ def reinforced_heads(vhd: torch.Tensor, text_norm: torch.Tensor) -> torch.Tensor
     return ~outlier & (vhd > vhd.quantile(0.5, dim=-1, keepdim=True))
 
 
-class _Stop(Exception):
-    """Ends the no-image forward once decoder layer 0's inputs are captured."""
+@dataclass
+class _Data:
+    scale: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H] head factors (prefill decision)
+    hidden: torch.Tensor | None = None  # prefill: the no-image stream's input to the next layer
+    kwargs: dict[str, Any] = field(default_factory=dict)  # its layer arguments (mask, positions)
+    ms: float = 0.0  # wall time of the no-image stream
 
 
 class VHR(Method):
     points = frozenset({Point.LAYER})
+    Data = _Data
 
     config: VHRConfig
 
@@ -83,84 +87,43 @@ class VHR(Method):
             raise ConfigError(f"vhr: alpha must be > 0, got {c.alpha}")
         self.heads = self.adapter.text_config.num_attention_heads
         self.active = set(range(n_layers) if layers is None else layers)
-        self._side = False
-
-    def attach(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        for i, layer in enumerate(self.adapter.layers):
-            o_proj = self.adapter.attention(layer).o_proj
-            # prepend: runs before the pipeline's head-scale hook, so head_scale() finds this layer's decision
-            pipeline.add_hook(o_proj.register_forward_pre_hook(self._observe(i, layer), prepend=True))
-        pipeline.add_hook(pipeline.model.register_forward_hook(self._report))
 
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         pad = self.adapter.text_config.pad_token_id
         side = text_only_inputs(state, inputs, 0 if pad is None else int(pad))
-        captured: dict[str, Any] = {}
+        side["position_ids"] = self.adapter.prefill_position_ids(side, side["attention_mask"])
+        data: _Data = self.data(state)
+        data.hidden, data.kwargs = self.host.decoder_inputs(side)
+        data.ms = (time.perf_counter() - t0) * 1e3
 
-        def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _Stop
+    def observe_heads(self, layer: int, state: State, heads: torch.Tensor) -> None:
+        """Prefill, main stream at ``layer``: run the no-image stream's ``layer`` and decide its heads there."""
+        data: _Data = self.data(state)
+        if state.phase != "prefill" or data.hidden is None:
+            return
+        t0 = time.perf_counter()
+        main_last = heads[:, -1].view(heads.shape[0], self.heads, -1)
 
-        handle = self.adapter.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with self.pipeline.suspended(), torch.no_grad():
-                self.pipeline.model(**side, position_ids=text_positions(side["attention_mask"]), use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        state.scratch["vhr"] = {"hidden": captured["hidden"], "kwargs": captured["kwargs"], "scale": {},
-                                "ms": (time.perf_counter() - t0) * 1e3}
-
-    def _observe(self, i: int, layer: torch.nn.Module):
-        def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
-            if self._side:  # the no-image stream's own o_proj: decide, then scale it the same way
-                data = self._data
-                x = args[0]
-                if i in self.active:
-                    heads = x[:, -1].view(x.shape[0], self.heads, -1)
-                    vhd, t = head_divergence(data["main_last"], heads)
-                    data["scale"][i] = torch.where(reinforced_heads(vhd, t), self.config.alpha, 1.0)
-                scale = data["scale"].get(i)
-                if scale is None:
-                    return None
-                y = x.view(*x.shape[:-1], self.heads, -1) * scale.to(x.dtype)[:, None, :, None]
-                return (y.view_as(x), *args[1:])
-            st = self.pipeline.state
-            if st is None or st.phase != "prefill" or "vhr" not in st.scratch:
+        def side_heads(x: torch.Tensor) -> torch.Tensor | None:
+            if layer in self.active:
+                vhd, t = head_divergence(main_last, x[:, -1].view(x.shape[0], self.heads, -1))
+                data.scale[layer] = torch.where(reinforced_heads(vhd, t), self.config.alpha, 1.0)
+            scale = data.scale.get(layer)
+            if scale is None:
                 return None
-            data = st.scratch["vhr"]
-            if "hidden" not in data:
-                return None
-            t0 = time.perf_counter()
-            x = args[0]
-            data["main_last"] = x[:, -1].view(x.shape[0], self.heads, -1)
-            self._data, self._side = data, True
-            try:
-                with self.pipeline.suspended(), torch.no_grad():
-                    out = layer(data["hidden"], **data["kwargs"])
-            finally:
-                self._side = False
-            data["hidden"] = out[0] if isinstance(out, tuple) else out
-            if i == len(self.adapter.layers) - 1:
-                for key in ("hidden", "kwargs", "main_last"):
-                    data.pop(key, None)
-            data["ms"] += (time.perf_counter() - t0) * 1e3
-            return None
+            return (x.view(*x.shape[:-1], self.heads, -1) * scale.to(x.dtype)[:, None, :, None]).view_as(x)
 
-        return hook
+        data.hidden = self.host.run_layer(layer, data.hidden, data.kwargs, heads=side_heads)
+        if layer == len(self.adapter.layers) - 1:
+            data.hidden, data.kwargs = None, {}
+        data.ms += (time.perf_counter() - t0) * 1e3
 
     def head_scale(self, layer: int, state: State) -> torch.Tensor | None:
-        data = state.scratch.get("vhr")
-        return None if data is None else data["scale"].get(layer)
+        return self.data(state).scale.get(layer)
 
-    def _report(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        st = self.pipeline.state
-        if st is not None and "vhr" in st.scratch:
-            self.pipeline.stats["vhr_extra_ms"] = st.scratch["vhr"]["ms"]
+    def stats(self, state: State) -> dict[str, Any]:
+        return {"vhr_extra_ms": self.data(state).ms}
 
 
 register_method(VHRConfig, VHR)

@@ -16,6 +16,8 @@ of the same form (e.g. written by ``mmeff tune``) is accepted wherever a preset 
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -23,10 +25,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from mmeff.config import MethodConfig, config_from_dict
+from mmeff.config import MethodConfig
+from mmeff.engine.method import lookup
 from mmeff.errors import ConfigError, UnknownPresetError
+from mmeff.io import atomic_write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 _RESERVED = ("description", "families", "method")
 
@@ -45,6 +52,17 @@ class Preset:
         if family is not None:
             data.update(self.families.get(family, {}))
         return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """Build a config from ``{"method": name, field: value, ...}`` (the form presets store)."""
+    data = dict(data)
+    name = data.pop("method", None)
+    if name is None:
+        raise ConfigError(f"a method config needs a 'method' key; got keys {sorted(data)}")
+    config_cls, _ = lookup(name)
+    base = config_cls()
+    return base.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def _parse(text: str, source: str) -> dict[str, Preset]:
@@ -135,3 +153,27 @@ def resolve(
             raise ConfigError(f"override(s) {unknown} match no field of {[type(c).__name__ for c in configs]}")
         configs = out
     return configs
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+def write_preset(path: str | Path, name: str, config: MethodConfig, description: str) -> Path:
+    """Write ``config`` as a one-preset TOML file (the format of this folder, readable wherever a preset name
+    is), atomically. Fields left at None are omitted."""
+    lines = [f"[{json.dumps(name)}]", f"description = {json.dumps(description)}",
+             f"method = {json.dumps(config.method)}"]
+    for key, value in config.to_dict().items():
+        if key != "method" and value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return Path(path)

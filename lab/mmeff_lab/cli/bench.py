@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from mmeff.io import atomic_write_text
 
 ARCH_HELP = "a model id/path, 'tiny-<family>', a shipped reference, or a full-size architecture with random weights"
 
@@ -64,16 +65,10 @@ def bench(
         results.append(res)
         console.print(speed.to_markdown(res))
     output.mkdir(parents=True, exist_ok=True)
-    _write(output / "bench.json", json.dumps(results, indent=2))
-    _write(output / "bench.md", "\n".join(speed.to_markdown(r) for r in results))
+    atomic_write_text(output / "bench.json", json.dumps(results, indent=2))
+    atomic_write_text(output / "bench.md", "\n".join(speed.to_markdown(r) for r in results))
     speed.plot(results, str(output / "bench.png"))
     console.print(f"wrote {output}/bench.json, bench.md, bench.png")
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def register(app: typer.Typer) -> None:

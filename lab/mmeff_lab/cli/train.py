@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +15,6 @@ train_app = typer.Typer(no_args_is_help=True, help="Train the small heads of tra
 MODEL = typer.Option("reference-llava", "--model", help="local dir, reference-llava|reference-qwen2vl, tiny-<family>")
 DATA = typer.Option("synthetic", "--data", help="'synthetic' (reference training split) or a JSON-lines file")
 OUTPUT = typer.Option(..., "--output", help="directory for the checkpoint and preset file(s)")
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _preset(name: str, description: str, method: str, checkpoint: Path, **fields: Any) -> str:
-    lines = [f"[{name}]", f"description = {json.dumps(description)}", f'method = "{method}"',
-             f"checkpoint = {json.dumps(str(checkpoint.resolve()))}"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _bar(console: Console) -> Progress:
@@ -56,7 +40,9 @@ def dyvte(model: str = MODEL, data: str = DATA, steps: int = typer.Option(200, "
           device: str = typer.Option("cpu", "--device"), dtype: str | None = typer.Option(None, "--dtype")) -> None:
     """Train DyVTE routers; writes DIR/dyvte.safetensors and the preset DIR/dyvte.toml."""
     from mmeff.heads import save_head
+    from mmeff.methods.dyvte import DyVTEConfig
     from mmeff.methods.dyvte.train import head_tensors, train_dyvte
+    from mmeff.presets import write_preset
     from mmeff_lab.models.loading import load_model
     from mmeff_lab.training.data import examples_from
 
@@ -72,7 +58,8 @@ def dyvte(model: str = MODEL, data: str = DATA, steps: int = typer.Option(200, "
             "num_layers": routers.num_layers, "width": width, "data": data, "abs_tol": abs_tol,
             "report": report}
     ckpt = save_head(output / "dyvte.safetensors", head_tensors(routers), meta)
-    _write_text(output / "dyvte.toml", _preset("dyvte", f"DyVTE routers trained on {model}", "dyvte", ckpt))
+    write_preset(output / "dyvte.toml", "dyvte", DyVTEConfig(checkpoint=str(ckpt.resolve()), min_layer=min_layer),
+                 f"DyVTE routers trained on {model}")
     console.print_json(json.dumps(report))
     console.print(f"wrote {ckpt} and {output / 'dyvte.toml'} (use: mmeff eval --preset {output / 'dyvte.toml'})")
 
@@ -87,7 +74,9 @@ def explain(model: str = MODEL, data: str = DATA, steps: int = typer.Option(500,
     """Train the relevance mapper; writes DIR/explain.safetensors and presets DIR/explain-{50,75,90}.toml."""
     from mmeff.families import adapter_for
     from mmeff.heads import save_head
+    from mmeff.methods.explain import ExplainConfig
     from mmeff.methods.explain.train import head_tensors, train_explain
+    from mmeff.presets import write_preset
     from mmeff_lab.models.loading import load_model
     from mmeff_lab.training.data import examples_from
 
@@ -106,9 +95,10 @@ def explain(model: str = MODEL, data: str = DATA, steps: int = typer.Option(500,
             "num_layers": len(adapter.layers), "width": width, "depth": depth, "data": data, "report": report}
     ckpt = save_head(output / "explain.safetensors", head_tensors(mapper), meta)
     for pct in (50, 75, 90):
-        text = _preset(f"explain-{pct}", f"explainability-guided pruning of {pct}% visual tokens at the LLM input "
-                       f"(mapper trained on {model})", "explain", ckpt, ratio=pct / 100)
-        _write_text(output / f"explain-{pct}.toml", text)
+        write_preset(output / f"explain-{pct}.toml", f"explain-{pct}",
+                     ExplainConfig(ratio=pct / 100, checkpoint=str(ckpt.resolve())),
+                     f"explainability-guided pruning of {pct}% visual tokens at the LLM input "
+                     f"(mapper trained on {model})")
     console.print_json(json.dumps(report))
     console.print(f"wrote {ckpt} and {output}/explain-{{50,75,90}}.toml")
 

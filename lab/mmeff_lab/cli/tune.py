@@ -25,12 +25,14 @@ def vflowopt(
     """Maximise the summed cosine of the first generation step's last hidden state (full vs pruned)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmeff.methods.vflowopt.tune import load_jsonl, reference_samples, tune_vflowopt, write_preset
-    from mmeff_lab.models.factory import make_inputs
+    from mmeff.families.prompt import make_inputs
+    from mmeff.methods.vflowopt.tune import tune_vflowopt
+    from mmeff.presets import write_preset
+    from mmeff_lab.training.data import load_tuning_jsonl, reference_samples
 
     processor = AutoProcessor.from_pretrained(model)
     net = AutoModelForImageTextToText.from_pretrained(model, attn_implementation="sdpa").to(device).eval()
-    items = load_jsonl(data, samples) if data is not None else reference_samples(samples)
+    items = load_tuning_jsonl(data, samples) if data is not None else reference_samples(samples)
     if batch_size < 1:
         raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]

@@ -14,13 +14,13 @@ score = 100·acc + 100·acc+. Perception = sum of the 10 perception scores, cogn
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from mmeff.io import atomic_write_text
 
 from ._io import check_image, read_text
 from .errors import DataError
@@ -155,10 +155,7 @@ def write_results(path: str | Path, questions: Sequence[MMEQuestion], prediction
     for q, p in zip(questions, predictions):
         p = " ".join(p.replace("\t", " ").splitlines())
         lines.append(f"{q.image}\t{q.question}\t{'Yes' if q.answer == 'yes' else 'No'}\t{p}\n")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(lines))
 
 
 def load_results(path: str | Path) -> list[MMEResult]:

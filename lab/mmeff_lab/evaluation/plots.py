@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from mmeff.io import atomic_path
 
 from .tasks import POPE_TASKS
 
@@ -50,8 +51,7 @@ def plot_accuracy_vs_tokens(results: dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"{results['model']}: accuracy vs visual tokens kept", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from mmeff.io import atomic_write_text
+
 from .bootstrap import paired_bootstrap
 from .tasks import HEADLINE, POPE_TASKS, SHORT_ANSWER_TOKENS, Sample, Scored
 
@@ -156,11 +158,10 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def log_path(output: Path, preset: str, task: str) -> Path:
+    """Where a preset's sample log of a task lives in an output folder."""
+    safe = preset.replace("/", "_").replace(os.sep, "_")
+    return output / "samples" / safe / f"{task}.jsonl"
 
 
 def write_all(output: Path, results: dict[str, Any], samples: dict[str, list[Sample]] | None = None) -> None:
@@ -170,8 +171,6 @@ def write_all(output: Path, results: dict[str, Any], samples: dict[str, list[Sam
 
     details = results.pop("_details", {})
     if samples is not None:
-        from .runner import log_path
-
         for preset, per_task in details.items():
             if "chair" in per_task:
                 run = next(r for r in results["runs"] if r["preset"] == preset)

@@ -29,8 +29,10 @@ from typing import Any
 import torch
 
 from mmeff.errors import MmeffError
+from mmeff.io import atomic_write_text
 
 from . import results as res
+from .results import log_path
 from .tasks import DataSource, Sample, load_samples, parse_tasks, resolve_data, score
 
 RUN_FILE = "run.json"
@@ -117,11 +119,6 @@ class Dist:
 
 
 # -- sample logs -------------------------------------------------------------------------------------------------
-def log_path(output: Path, preset: str, task: str) -> Path:
-    safe = preset.replace("/", "_").replace(os.sep, "_")
-    return output / "samples" / safe / f"{task}.jsonl"
-
-
 def read_log(path: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
     """Records by sample id. A last line cut by a kill (no newline, bad JSON) is dropped (``repair`` rewrites
     the file without it); a bad line elsewhere is an error naming the line."""
@@ -138,7 +135,7 @@ def read_log(path: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
         except json.JSONDecodeError as e:
             if lineno == len(lines):  # the unterminated tail of an interrupted write
                 if repair:
-                    _atomic_write(path, "\n".join(lines[:-1]) + "\n" if lineno > 1 else "")
+                    atomic_write_text(path, "\n".join(lines[:-1]) + "\n" if lineno > 1 else "")
                 break
             raise ResumeError(f"{path}:{lineno}: corrupt sample log line ({e.msg})") from e
         out[rec["id"]] = rec
@@ -155,12 +152,6 @@ def _append(path: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _check_output(cfg: EvalConfig) -> None:
@@ -180,7 +171,7 @@ def _check_output(cfg: EvalConfig) -> None:
         raise ResumeError(f"{out} already holds an evaluation; pass --resume to continue it or choose another "
                           "--output folder")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_file, json.dumps(settings, indent=1) + "\n")
+    atomic_write_text(run_file, json.dumps(settings, indent=1) + "\n")
 
 
 # -- generation --------------------------------------------------------------------------------------------------
@@ -220,7 +211,7 @@ def generate_batch(model: Any, processor: Any, handle: Any, batch: Sequence[Samp
     """Greedy answers for one batch plus its measured cost, as sample-log records."""
     from PIL import Image
 
-    from mmeff_lab.models.factory import make_inputs
+    from mmeff.families.prompt import make_inputs
 
     images = []
     for s in batch:
@@ -347,7 +338,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     model, processor, family = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
     with _progress(cfg.progress and dist.main) as progress:
         for preset in cfg.presets:
-            with mmeff.wrap(model, preset, cuda_graphs=cfg.cuda_graphs and graphable(preset, family)) as handle:
+            with mmeff.wrap(model, preset, cuda_graphs=cfg.cuda_graphs and graphable(preset, family),
+                            timing=True) as handle:
                 for task, task_samples in samples.items():
                     run_task(model, processor, handle, task_samples, log_path(cfg.output, preset, task),
                              cfg.batch_size, dist, progress, f"{preset} / {task}")
@@ -362,7 +354,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
 
 def graphable(preset: str, family: str) -> bool:
     """Whether every method of ``preset`` may decode from a CUDA graph (``Method.graphable``)."""
-    from mmeff.config import lookup
+    from mmeff.engine.method import lookup
     from mmeff.presets import resolve
 
     return all(lookup(c.method)[1].graphable for c in resolve(preset, family, {}))

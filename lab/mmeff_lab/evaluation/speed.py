@@ -203,7 +203,7 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
         vision()
     vision_t = _median([timer(vision)[0] for _ in range(repeats)])
     def measure(preset: str, graphs: bool) -> BenchRow:
-        handle = mmeff.wrap(model, preset, cuda_graphs=graphs)
+        handle = mmeff.wrap(model, preset, cuda_graphs=graphs, timing=True)
         try:
             prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
             gen = lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
@@ -219,8 +219,7 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
                     peaks.append(torch.cuda.max_memory_allocated(device))
             stats = handle.stats
             # ZipVL keeps every token but attends among / stores at high bits only the important ones
-            extra = {k: v for m in handle.pipeline.methods for k, v in getattr(m, "last_stats", {}).items()
-                     if k == "important_ratio"}
+            extra = {k: v for k, v in stats.items() if k == "important_ratio"}
             gen()  # warm the decode path (and capture its graphs)
             rates, gen_t = [], []
             for _ in range(max(1, repeats // 2)):

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from mmeff.engine.cache import cache_kwarg
+from mmeff.io import atomic_write_text
 
 from .model import IMAGE_SIZE, NUM_VISUAL_TOKENS, TOKEN_GRID, answer_text, build_model, chat_prompt, save_reference
 from .scenes import DEFAULT_GLYPHS, Scene, make_scene, render
@@ -109,9 +110,7 @@ def prepare_data(out_dir: str | Path, n_images: int, *, draws: int = 2, workers:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj))
 
 
 @dataclass

@@ -11,14 +11,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from mmeff.errors import MmeffError
-from mmeff_lab.models.factory import make_inputs
+from mmeff.methods._teacher import Example
 from mmeff_lab.reference.scenes import make_scene, render
 from mmeff_lab.reference.synthetic import TRAIN_SEEDS
 from mmeff_lab.reference.text import training_examples
@@ -26,13 +24,6 @@ from mmeff_lab.reference.text import training_examples
 
 class TrainingDataError(MmeffError):
     """A training data file that cannot be read; the message names the file and line."""
-
-
-@dataclass(frozen=True)
-class Example:
-    image: Image.Image
-    question: str
-    answer: str
 
 
 def synthetic_examples(seed: int = 0, image_size: int = 224) -> Iterator[Example]:
@@ -78,56 +69,36 @@ def examples_from(data: str, seed: int = 0) -> Iterator[Example]:
     return synthetic_examples(seed) if data == "synthetic" else jsonl_examples(data, seed)
 
 
-@dataclass
-class Batch:
-    """A teacher-forced batch: the prompt (left padded) followed by the answer and EOS (right padded).
-
-    ``rows[b, i]`` marks the positions whose next-token logits predict an answer token, ``targets`` holds
-    that token; ``prompt_len`` is the padded prompt length (the last prompt token is at ``prompt_len - 1``).
-    """
-
-    inputs: dict[str, Any]
-    prompt: dict[str, Any]
-    rows: torch.Tensor
-    targets: torch.Tensor
-    prompt_len: int
+# -- tuning samples (prompts without answers) -------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    image: Image.Image
+    text: str
 
 
-def make_batch(processor: Any, examples: list[Example], device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None) -> Batch:
-    prompt = make_inputs(processor, [e.question for e in examples], [[e.image] for e in examples])
-    tok = processor.tokenizer
-    prompt_text = tok.batch_decode(prompt["input_ids"][:, -1:])
-    answers = []
-    for e, end in zip(examples, prompt_text):
-        text = e.answer if end.endswith((" ", "\n")) else " " + e.answer
-        answers.append(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-    b, n = prompt["input_ids"].shape
-    m = max(len(a) for a in answers)
-    ans = torch.full((b, m), tok.pad_token_id, dtype=torch.long)
-    ans_mask = torch.zeros(b, m, dtype=torch.long)
-    for i, a in enumerate(answers):
-        ans[i, : len(a)] = torch.tensor(a)
-        ans_mask[i, : len(a)] = 1
-    inputs = dict(prompt)
-    inputs["input_ids"] = torch.cat([prompt["input_ids"], ans], 1)
-    inputs["attention_mask"] = torch.cat([prompt["attention_mask"], ans_mask], 1)
-    for key, value in prompt.items():  # other per-token inputs (Qwen's mm_token_type_ids): answers are text
-        if key not in ("input_ids", "attention_mask") and torch.is_tensor(value) and value.shape[:2] == (b, n):
-            inputs[key] = torch.cat([value, value.new_zeros(b, m, *value.shape[2:])], 1)
-    rows = torch.zeros(b, n + m, dtype=torch.bool)
-    rows[:, n - 1 : n + m - 1] = ans_mask.bool()
-    targets = torch.zeros(b, n + m, dtype=torch.long)
-    targets[:, n - 1 : n + m - 1] = ans
-    return Batch(_to(inputs, device, dtype), _to(dict(prompt), device, dtype), rows.to(device), targets.to(device), n)
+def reference_samples(n: int, seed0: int = 0) -> list[Sample]:
+    """``n`` training scenes of mmeff_lab.reference (seeds ``seed0..``, inside TRAIN_SEEDS) with a describe prompt."""
+    if seed0 < TRAIN_SEEDS.start or seed0 + n > TRAIN_SEEDS.stop:
+        raise TrainingDataError(f"tuning seeds [{seed0}, {seed0 + n}) must lie inside TRAIN_SEEDS {TRAIN_SEEDS}")
+    return [Sample(render(make_scene(s)), "Describe this image in detail.") for s in range(seed0, seed0 + n)]
 
 
-def _to(inputs: dict[str, Any], device: torch.device | str, dtype: torch.dtype | None) -> dict[str, Any]:
-    out = {}
-    for k, v in inputs.items():
-        if torch.is_tensor(v):
-            v = v.to(device)
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
+def load_tuning_jsonl(path: str | Path, n: int) -> list[Sample]:
+    """The first ``n`` lines of a JSON-lines file of {"image": path (relative to the file), "text": prompt}."""
+    path = Path(path)
+    out: list[Sample] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                img_path = (path.parent / rec["image"]).resolve()
+                out.append(Sample(Image.open(img_path).convert("RGB"), str(rec["text"])))
+            except (json.JSONDecodeError, KeyError, OSError) as e:
+                raise TrainingDataError(f"{path}:{lineno}: bad tuning record ({type(e).__name__}: {e})") from None
+            if len(out) == n:
+                break
+    if not out:
+        raise TrainingDataError(f"{path}: no tuning records")
     return out

@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from mmeff.kernels import use_triton
 from mmeff.kernels.attention_stats.reference import attention_probs
 from mmeff.kernels.attention_stats.reference import received_attention as received_attention_reference
 
 Geometry = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (q_pos [B, q], k_pos [B, k], k_valid [B, k])
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
 
 
 def received_attention(
@@ -32,11 +25,11 @@ def received_attention(
     geometry: Geometry | None = None,
 ) -> torch.Tensor:
     """[B, k] attention each key receives, mean over heads and the weighted query rows."""
-    if geometry is not None and query.is_cuda and triton_available():
+    if geometry is not None and use_triton(query):
         from mmeff.kernels.attention_stats.triton import received_attention_triton
 
         return received_attention_triton(query, key, *geometry, scaling, query_weights)
     return received_attention_reference(query, key, mask, scaling, query_weights)
 
 
-__all__ = ["attention_probs", "received_attention", "received_attention_reference", "triton_available"]
+__all__ = ["attention_probs", "received_attention", "received_attention_reference"]

@@ -17,30 +17,28 @@ from typing import Literal
 
 import torch
 
+from mmeff.kernels import use_triton
 from mmeff.kernels.kv_quant import reference
-
-try:  # Triton is an optional, GPU-only dependency
-    from mmeff.kernels.kv_quant import triton as _triton
-except ImportError:  # pragma: no cover - depends on the environment
-    _triton = None
 
 Axis = Literal["channel", "token"]
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return _triton is not None and t.is_cuda
-
-
 def quantize_rows(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _triton if _use_triton(x) else reference
-    return impl.quantize_rows(x, bits, group)
+    if use_triton(x):
+        from mmeff.kernels.kv_quant import triton as kernel
+
+        return kernel.quantize_rows(x, bits, group)
+    return reference.quantize_rows(x, bits, group)
 
 
 def dequantize_rows(
     packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    impl = _triton if _use_triton(packed) else reference
-    return impl.dequantize_rows(packed, scale, offset, bits, group, dtype)
+    if use_triton(packed):
+        from mmeff.kernels.kv_quant import triton as kernel
+
+        return kernel.dequantize_rows(packed, scale, offset, bits, group, dtype)
+    return reference.dequantize_rows(packed, scale, offset, bits, group, dtype)
 
 
 @dataclass
@@ -100,9 +98,10 @@ def quantize_kv(
     if axis not in ("channel", "token"):
         raise ValueError(f"kv_quant: axis must be 'channel' or 'token', got {axis!r}")
     g = value_group(group, d) if axis == "token" else group
-    fused = _use_triton(x) and (axis == "token" or not d & (d - 1))
-    if fused:
-        fn = _triton.quantize_tokens if axis == "token" else _triton.quantize_channels
+    if use_triton(x) and (axis == "token" or not d & (d - 1)):
+        from mmeff.kernels.kv_quant import triton as kernel
+
+        fn = kernel.quantize_tokens if axis == "token" else kernel.quantize_channels
         packed, scale, offset = fn(x, bits, g, index)
         return QuantizedTensor((b, h, m, d), x.dtype, bits, g, axis, packed, scale, offset)
     x = gather_tokens(x, index)

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from mmeff.kernels import use_triton
 from mmeff.kernels.probe_scores import reference
 from mmeff.kernels.probe_scores.reference import probe_counts
-
-try:  # Triton is an optional, GPU-only dependency
-    from mmeff.kernels.probe_scores import triton as _triton
-except ImportError:  # pragma: no cover - depends on the environment
-    _triton = None
 
 
 def probe_scores(
@@ -26,8 +22,11 @@ def probe_scores(
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(accumulated attention, probe count), [B, N] float32 each; see :mod:`.reference`."""
-    impl = _triton if _triton is not None and query.is_cuda else reference
-    return impl.probe_scores(query, key, probe_pos, probe_weight, key_ok, scaling)
+    if use_triton(query):
+        from mmeff.kernels.probe_scores import triton as kernel
+
+        return kernel.probe_scores(query, key, probe_pos, probe_weight, key_ok, scaling)
+    return reference.probe_scores(query, key, probe_pos, probe_weight, key_ok, scaling)
 
 
 def normalized_scores(acc: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

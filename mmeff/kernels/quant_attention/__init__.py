@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from mmeff.kernels import use_triton
 from mmeff.kernels.quant_attention import reference
 from mmeff.kernels.quant_attention.reference import Segment
-
-try:  # Triton is an optional, GPU-only dependency
-    from mmeff.kernels.quant_attention import triton as _triton
-except ImportError:  # pragma: no cover - depends on the environment
-    _triton = None
 
 
 def decode_attention(
@@ -30,9 +26,12 @@ def decode_attention(
     """One decode row's attention over quantized ``parts`` and a full-precision buffer [B, Hkv, NB, D]:
     (out [B, Hq, D] in the query's dtype, the buffer tokens' probabilities [B, Hq, NB] float32). On CUDA: one
     fused kernel per part and one merge kernel, whatever the number of parts."""
-    fused = _triton is not None and query.is_cuda and all(_triton.supports(p.keys, p.values) for p in parts)
-    impl = _triton if fused else reference
-    return impl.decode_attention(query, parts, k_buf, v_buf, bias_buf, scaling)
+    if use_triton(query):
+        from mmeff.kernels.quant_attention import triton as kernel
+
+        if all(kernel.supports(p.keys, p.values) for p in parts):
+            return kernel.decode_attention(query, parts, k_buf, v_buf, bias_buf, scaling)
+    return reference.decode_attention(query, parts, k_buf, v_buf, bias_buf, scaling)
 
 
 __all__ = ["Segment", "decode_attention"]

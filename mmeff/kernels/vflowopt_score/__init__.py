@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from mmeff.kernels import use_triton
 from mmeff.kernels.vflowopt_score import reference
 from mmeff.kernels.vflowopt_score.reference import grey_levels
 
 
-def _triton_ok(t: torch.Tensor) -> bool:
-    if not t.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def patch_entropy(levels: torch.Tensor) -> torch.Tensor:
     """[N, P] integer grey levels (0..255) -> [N] entropy in bits."""
-    if _triton_ok(levels):
+    if use_triton(levels):
         from mmeff.kernels.vflowopt_score import triton as kernel
 
         return kernel.patch_entropy(levels)
@@ -38,7 +29,7 @@ def context_relevance(
 ) -> torch.Tensor:
     """[S] context relevance of each token of a packed sequence (q, k: [H, S, D]); see ``reference``.
     ``n_units``: the number of units when the caller knows it (saves a host sync)."""
-    if _triton_ok(q):
+    if use_triton(q):
         from mmeff.kernels.vflowopt_score import triton as kernel
 
         return kernel.context_relevance(q, k, scale, block_id, unit_id, t, n_units)

@@ -18,14 +18,14 @@ The routers are trained by ``mmeff train dyvte`` (:mod:`mmeff.methods.dyvte.trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmeff.config import MethodConfig, register_method
-from mmeff.engine.method import Method, Point
+from mmeff.config import MethodConfig
+from mmeff.engine.method import Method, Point, register_method
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError
 from mmeff.families.base import Adapter
@@ -97,16 +97,22 @@ def load_routers(path: str, adapter: Adapter) -> DyVTERouters:
     return routers.eval()
 
 
+@dataclass
+class _Data:
+    text: torch.Tensor | None = None  # [B, N] the router's text rows (original coordinates)
+    exit_layers: list[int] = field(default_factory=list)  # per sample; num_layers = never exited
+
+
 class DyVTE(Method):
     points = frozenset({Point.LAYER})
     graphable = True
+    Data = _Data
 
     config: DyVTEConfig
 
     def __init__(self, config: MethodConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         self.routers: DyVTERouters | None = None
-        self.last_exit_layers: list[int] = []  # per sample of the last prefill; num_layers = never exited
 
     def validate(self, n_layers: int) -> None:
         c = self.config
@@ -118,8 +124,9 @@ class DyVTE(Method):
             self.routers = load_routers(c.checkpoint, self.adapter)
 
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
-        state.scratch["dyvte_text"] = text_after_image(state.visual, state.attention_mask)
-        self.last_exit_layers = [len(self.adapter.layers)] * state.batch_size
+        data: _Data = self.data(state)
+        data.text = text_after_image(state.visual, state.attention_mask)
+        data.exit_layers = [len(self.adapter.layers)] * state.batch_size
 
     def exit_probability(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """[B] probability that the samples leave their visual tokens behind from ``layer`` on."""
@@ -135,15 +142,20 @@ class DyVTE(Method):
         pending = vis.any(1)  # a sample that exited holds no visual slot any more
         if not bool(pending.any()):
             return None
-        text = torch.gather(state.scratch["dyvte_text"], 1, g.index) & g.valid
+        data: _Data = self.data(state)
+        text = torch.gather(data.text, 1, g.index) & g.valid
         last = torch.full((g.index.shape[0],), g.index.shape[1] - 1, device=g.index.device)
         p = self.exit_probability(layer, router_features(hidden, text, last))
         leave = pending & (p > self.config.threshold).to(pending.device)
         if not bool(leave.any()):
             return None
         for b in leave.nonzero().flatten().tolist():
-            self.last_exit_layers[b] = layer
+            data.exit_layers[b] = layer
         return ~(vis & leave[:, None])
+
+    def stats(self, state: State) -> dict[str, Any]:
+        """``exit_layers``: per sample of the last prefill, the layer its visual tokens left at (L: never)."""
+        return {"exit_layers": list(self.data(state).exit_layers)}
 
 
 register_method(DyVTEConfig, DyVTE)

@@ -32,8 +32,8 @@ from mmeff.engine.pipeline import Pipeline
 from mmeff.engine.state import State
 from mmeff.errors import MmeffError
 from mmeff.families import adapter_for
+from mmeff.methods._teacher import Batch, Example, make_batch
 from mmeff.methods.dyvte.method import DyVTERouters, router_features, text_after_image
-from mmeff_lab.training.data import Batch, Example, make_batch
 
 Progress = Callable[[int, int, dict[str, float]], None]
 
@@ -108,20 +108,9 @@ def build_step(model: Any, batch: Batch, layers: list[int], abs_tol: float = 0.0
                ) -> dict[int, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
     """layer -> (router features, labels, measurements) of one batch for an exit at each of ``layers``."""
     adapter = adapter_for(model)
-    captured: dict[int, torch.Tensor] = {}
-
-    def grab(k: int) -> Callable[..., None]:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            captured[k] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    handles = [adapter.layers[k].register_forward_pre_hook(grab(k), with_kwargs=True) for k in layers]
-    try:
-        full = model(**batch.inputs, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
+    out = model(**batch.inputs, use_cache=False, output_hidden_states=True)
+    full = out.logits
+    captured = {k: out.hidden_states[k] for k in layers}  # hidden_states[k]: what decoder layer k receives
     spans = adapter.spans(batch.prompt["input_ids"], batch.prompt)
     visual = torch.zeros_like(batch.prompt["input_ids"], dtype=torch.bool)
     for b, sample in enumerate(spans):

@@ -27,15 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmeff.config import MethodConfig, register_method
+from mmeff.config import MethodConfig
 from mmeff.engine.attention import AttentionCall
-from mmeff.engine.cache import CACHE_KWARGS, cache_kwarg
-from mmeff.engine.method import Method, Point
+from mmeff.engine.method import Method, Point, register_method
+from mmeff.engine.ranking import keep_top
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError, MmeffError
 from mmeff.families.base import Adapter, ImageSpan
 from mmeff.heads import open_head
-from mmeff.methods.fastv import keep_top
 
 CHANNELS = 2  # last prompt row; mean of the instruction rows
 
@@ -147,9 +146,6 @@ class Explain(Method):
     def __init__(self, config: MethodConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         self.mapper: RelevanceMapper | None = None
-        self._pipeline: Any = None
-        self._layer0_kwargs: dict[str, Any] = {}
-        self._probe: _Probe | None = None
 
     def validate(self, n_layers: int) -> None:
         if not 0.0 <= self.config.ratio <= 1.0:
@@ -157,37 +153,13 @@ class Explain(Method):
         if self.mapper is None:
             self.mapper = load_mapper(self.config.checkpoint, self.adapter)
 
-    def attach(self, pipeline: Any) -> None:
-        self._pipeline = pipeline
-        # prepend: runs before the pipeline's own pre-hook, which calls select(0) with the hidden states only
-        layer0 = self.adapter.layers[0]
-        pipeline.add_hook(layer0.register_forward_pre_hook(self._stash, with_kwargs=True, prepend=True))
-
-    def _stash(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        st = self._pipeline.state
-        if st is not None and st.phase == "prefill":
-            self._layer0_kwargs = dict(kwargs)
-
-    def attention_hooks(self, layer: int, state: State) -> list[Any]:
-        return [self._probe] if layer == 0 and self._probe is not None else []
-
     @torch.no_grad()
     def first_layer_channels(self, state: State, hidden: torch.Tensor) -> torch.Tensor:
         """[B, CHANNELS, N] layer-0 attention statistics of the full input (the probe, see module doc)."""
         if len(state.groups) != 1:
             raise MmeffError("explain prunes at the LLM input: no other method may select tokens before it")
-        layer0 = self.adapter.layers[0]
-        norm = getattr(layer0, "input_layernorm", None)
-        if norm is None:
-            raise MmeffError(f"explain: {type(layer0).__name__} has no input_layernorm to probe layer 0 with")
-        skip = (*CACHE_KWARGS, "use_cache", "hidden_states")  # the probe must not write the KV cache
-        kwargs = {k: v for k, v in self._layer0_kwargs.items() if k not in skip}
-        self._probe = _Probe(probe_weights(state.visual, state.attention_mask).to(hidden.device))
-        try:
-            attn = self.adapter.attention(layer0)
-            attn(hidden_states=norm(hidden), **{cache_kwarg(attn.forward): None}, **kwargs)
-        finally:
-            probe, self._probe, self._layer0_kwargs = self._probe, None, {}
+        probe = _Probe(probe_weights(state.visual, state.attention_mask).to(hidden.device))
+        self.host.probe_attention(0, hidden, [probe])
         if probe.channels is None:
             raise MmeffError("explain: the layer-0 probe saw no attention call")
         return probe.channels

@@ -32,8 +32,8 @@ from torch.nn import functional as F
 from mmeff.api import handle_of
 from mmeff.errors import MmeffError
 from mmeff.families import adapter_for
+from mmeff.methods._teacher import Batch, Example, make_batch
 from mmeff.methods.explain.method import RelevanceMapper, channels_from_probs, normalise, probe_weights, tile_positions
-from mmeff_lab.training.data import Batch, Example, make_batch
 
 Progress = Callable[[int, int, dict[str, float]], None]
 Pair = tuple[torch.Tensor, torch.Tensor]  # ([CHANNELS, rows, cols] probe maps, [rows, cols] relevance)
@@ -66,17 +66,8 @@ def relevance_and_channels(model: Any, batch: Batch) -> tuple[torch.Tensor, torc
     if handle_of(model) is not None:
         raise MmeffError("train explain needs the unwrapped model; call mmeff.unwrap(model) first")
     adapter = adapter_for(model)
-    layer0 = adapter.layers[0]
-
-    def needs_grad(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        # frozen weights would give attention maps outside the graph: start one at the decoder input
-        h = args[0] if args else kwargs["hidden_states"]
-        if h.requires_grad:
-            return None
-        h = h.detach().requires_grad_(True)
-        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-
-    handle = layer0.register_forward_pre_hook(needs_grad, with_kwargs=True)
+    # frozen weights would give attention maps outside the graph: start one at the input embeddings
+    model.enable_input_require_grads()
     try:
         with eager_text(model), torch.enable_grad():
             out = model(**batch.inputs, use_cache=False, output_attentions=True)
@@ -88,7 +79,7 @@ def relevance_and_channels(model: Any, batch: Batch) -> tuple[torch.Tensor, torc
             y = (picked * batch.rows).sum()
             grads = torch.autograd.grad(y, atts)
     finally:
-        handle.remove()
+        model.disable_input_require_grads()
     with torch.no_grad():
         r = chefer_rule([a.detach() for a in atts], list(grads))
         rel = torch.einsum("bi,bij->bj", batch.rows.float(), r)

@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 
-from mmeff.config import MethodConfig, register_method
-from mmeff.engine.method import Method, Point
+from mmeff.config import MethodConfig
+from mmeff.engine.method import Method, Point, register_method
+from mmeff.engine.ranking import rank_in_group
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError, MmeffError
+from mmeff.families.base import VisionCall
 from mmeff.kernels.vflowopt_score import context_relevance, grey_levels, patch_entropy
 from mmeff.methods.vflowopt.budget import effective_r_v, effective_schedule, kept_fraction
 
@@ -65,40 +67,14 @@ def _unnormalise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float
     return pixels.float() * s + m
 
 
-def clip_tile_entropy(pixels: torch.Tensor, patch: int, mean: tuple, std: tuple) -> torch.Tensor:
-    """[n, 3, H, W] normalised tiles -> [n, (H/patch) * (W/patch)] entropy of each patch, row-major."""
-    n, c = pixels.shape[:2]
-    x = pixels.unfold(2, patch, patch).unfold(3, patch, patch)  # n, c, nh, nw, p, p
-    x = x.permute(0, 2, 3, 1, 4, 5).reshape(-1, c, patch * patch)
-    ent = patch_entropy(grey_levels(_unnormalise(x, mean, std)))
-    return ent.view(n, -1)
-
-
-def qwen_token_entropy(pixel_values: torch.Tensor, channels: int, temporal: int, merge: int, mean: tuple,
-                       std: tuple) -> torch.Tensor:
-    """[N, C*tp*p*p] flattened Qwen patches -> [N / merge^2] entropy of each merged token's pixel region
-    (its merge x merge patches, first temporal slice)."""
-    n = pixel_values.shape[0]
-    x = pixel_values.view(n, channels, temporal, -1)[:, :, 0]  # N, C, p*p
-    unit = merge * merge
-    x = x.view(n // unit, unit, channels, -1).permute(0, 2, 1, 3).reshape(n // unit, channels, -1)
-    return patch_entropy(grey_levels(_unnormalise(x, mean, std)))
+def token_entropy(regions: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """[T, 3, P] normalised pixels of each token's region -> [T] entropy (bits) of its grey-level histogram."""
+    return patch_entropy(grey_levels(_unnormalise(regions, mean, std)))
 
 
 def combine(attn: torch.Tensor, entropy: torch.Tensor, alpha_v: float) -> torch.Tensor:
     """Importance of a unit's tokens: context relevance + alpha_v * softmax(entropy over the unit)."""
     return attn.float() + alpha_v * torch.softmax(entropy.float(), dim=-1)
-
-
-def rank_in_group(scores: torch.Tensor, group: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[T] ascending rank of each score within its group (ties: the earlier element), in one pass for all
-    groups; ``counts[g]`` = number of elements of group g (ids 0..len(counts)-1)."""
-    order = torch.sort(scores, stable=True).indices
-    order = order[torch.sort(group[order], stable=True).indices]  # by group, then ascending score, then index
-    start = counts.cumsum(0) - counts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device) - start[group[order]]
-    return rank
 
 
 def recycle_plan(scores: torch.Tensor, unit: torch.Tensor, cell: torch.Tensor, counts: list[int], r_v: float,
@@ -154,9 +130,17 @@ def merge_cells(x: torch.Tensor, scores: torch.Tensor, rep: torch.Tensor) -> tor
     return torch.where(is_rep[:, None], merged.to(x.dtype), x)
 
 
+@dataclass
+class _Data:
+    scores: torch.Tensor | None = None  # [B, N] importance of each prunable visual token (-inf elsewhere)
+    span_map: torch.Tensor | None = None  # [B, N] image number of each prunable visual token (-1 elsewhere)
+    n_images: int = 0
+
+
 class VFlowOpt(Method):
-    points = frozenset({Point.INPUT, Point.LAYER})
+    points = frozenset({Point.ENCODER, Point.INPUT, Point.LAYER})
     graphable = True
+    Data = _Data
 
     config: VFlowOptConfig
 
@@ -164,10 +148,9 @@ class VFlowOpt(Method):
         super().__init__(config, adapter)
         self.layers: tuple[int, ...] = ()
         self.ratios: tuple[float, ...] = ()
-        self._units: list[torch.Tensor] = []  # importance per vision unit, in encoder order, until the input stage
-        self._entropy: list[torch.Tensor] | None = None
-        self._tower_inputs: dict[str, Any] = {}
-        self._inputs: dict[str, Any] = {}
+        # importance per vision unit (a CLIP tile, a Qwen image), in encoder order, until the input stage: the
+        # tower may run before the prefill's state exists (generate encodes images first)
+        self._units: list[torch.Tensor] = []
 
     # -- set-up -------------------------------------------------------------------------------------------
     def validate(self, n_layers: int) -> None:
@@ -187,129 +170,44 @@ class VFlowOpt(Method):
         n_vision = len(self.adapter.vision_layers())
         if not -n_vision <= c.vision_layer < n_vision:
             raise ConfigError(f"vflowopt: vision_layer {c.vision_layer} outside the {n_vision}-layer vision tower")
+        self.vision_layers = (c.vision_layer % n_vision,)
         self.layers, self.ratios = effective_schedule(c, n_layers)
 
     @property
     def r_v(self) -> float:
         return effective_r_v(self.config)
 
-    def attach(self, pipeline: Any) -> None:
-        tower = self.adapter.vision_tower
-        layer = self.adapter.vision_layers()[self.config.vision_layer]
-        attn = self.adapter.vision_attention(layer)
-        pipeline.add_hook(tower.register_forward_pre_hook(self._tower_pre, with_kwargs=True))
-        pipeline.add_hook(attn.register_forward_pre_hook(self._attn_pre, with_kwargs=True))
-
-    @property
-    def _qwen(self) -> bool:
-        return self.adapter.family in ("qwen2_vl", "qwen2_5_vl")
-
-    # -- vision tower hooks -------------------------------------------------------------------------------
-    def _tower_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    # -- the importance map, inside the vision tower ----------------------------------------------------------
+    def observe_vision(self, call: VisionCall) -> None:
         c = self.config
-        if self._qwen:
-            pixels = args[0] if args else kwargs.get("hidden_states", kwargs.get("pixel_values"))
-            grid = args[1] if len(args) > 1 else kwargs["grid_thw"]
-            vc = module.config
-            ent = qwen_token_entropy(pixels, vc.in_channels, vc.temporal_patch_size, vc.spatial_merge_size,
-                                     c.pixel_mean, c.pixel_std)
-            counts = (grid.prod(-1) // vc.spatial_merge_size**2).tolist()
-            self._entropy = list(ent.split(counts))
-            self._tower_inputs = {"grid_thw": grid}
-        else:
-            pixels = args[0] if args else kwargs["pixel_values"]
-            patch = self.adapter.model.config.vision_config.patch_size
-            self._entropy = list(clip_tile_entropy(pixels, patch, c.pixel_mean, c.pixel_std).unbind(0))
-
-    def _attn_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._entropy is None:
-            raise MmeffError("vflowopt: the vision layer ran without its tower's pre-hook (unexpected call order)")
-        hidden = args[0] if args else kwargs["hidden_states"]
-        with torch.no_grad():
-            attn = self._qwen_relevance(module, hidden, kwargs) if self._qwen else self._clip_relevance(module, hidden)
-        self._units.extend(combine(a, e, self.config.alpha_v) for a, e in zip(attn, self._entropy, strict=True))
-        self._entropy = None
-
-    def _clip_relevance(self, module: torch.nn.Module, hidden: torch.Tensor) -> list[torch.Tensor]:
-        n, s, _ = hidden.shape
-        heads = module.num_heads
-        q = module.q_proj(hidden).view(n * s, heads, -1).transpose(0, 1)
-        k = module.k_proj(hidden).view(n * s, heads, -1).transpose(0, 1)
-        ids = torch.arange(n, device=hidden.device).repeat_interleave(s)
-        rel = context_relevance(q, k, module.scale, ids, ids, self.config.t, n).view(n, s)
-        n_patches = self._entropy[0].shape[0]
-        return list(rel[:, s - n_patches :].unbind(0))  # CLS (if any) leads: drop its column
-
-    def _qwen_relevance(self, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
-        n = hidden.shape[0]
-        q, k, _ = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = kwargs["position_embeddings"]
-        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-        cu = kwargs["cu_seqlens"].long()
-        block = torch.arange(cu.numel() - 1, device=hidden.device).repeat_interleave(cu.diff())
-        grid = self._tower_inputs["grid_thw"]
-        vc = self.adapter.vision_tower.config
-        unit = vc.spatial_merge_size**2
-        sizes = grid.prod(-1).to(hidden.device)
-        image = torch.arange(sizes.numel(), device=hidden.device).repeat_interleave(sizes)
-        rel = context_relevance(q.transpose(0, 1), k.transpose(0, 1), module.scaling, block, image, self.config.t,
-                                sizes.numel())
-        if getattr(vc, "window_size", None) and hasattr(self.adapter.vision_tower, "fullatt_block_indexes"):
-            from transformers.vision_utils import get_vision_window_index
-
-            window_index, _ = get_vision_window_index(grid, vc.spatial_merge_size, vc.window_size, vc.patch_size)
-            ordered = torch.empty_like(rel.view(-1, unit))
-            ordered[window_index.to(rel.device)] = rel.view(-1, unit)  # internal slot i holds unit window_index[i]
-            rel = ordered.flatten()
-        tokens = rel.view(-1, unit).sum(1)
-        return list(tokens.split((sizes // unit).tolist()))
-
-    # -- decoder ------------------------------------------------------------------------------------------
-    def begin(self, state: State, inputs: dict[str, Any]) -> None:
-        self._inputs = {k: inputs.get(k) for k in ("image_sizes",)}
+        regions, counts = self.adapter.token_regions(call.pixels, call.grid)
+        entropy = token_entropy(regions, c.pixel_mean, c.pixel_std).split(counts)
+        q, k, scale = call.qk()
+        block, unit, n_units = call.segments()
+        rel = context_relevance(q, k, scale, block, unit, c.t, n_units)
+        attn = call.unit_tokens(rel, "sum")
+        self._units.extend(combine(a, e, c.alpha_v) for a, e in zip(attn, entropy, strict=True))
 
     def image_scores(self, state: State) -> list[torch.Tensor]:
         """Importance of every image's tokens in span order (grid cells row-major, layout tokens excluded)."""
         units, self._units = self._units, []
         spans = sorted((sp for sample in state.spans for sp in sample), key=lambda sp: sp.image_index)
-        out: list[torch.Tensor] = []
-        pos = 0
-        for sp in spans:
-            if self.adapter.family == "llava_next":
-                from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-                cfg = self.adapter.model.config
-                size = torch.as_tensor(self._inputs["image_sizes"][sp.image_index]).tolist()
-                rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-                need = 1 + rows * cols
-                tiles = units[pos : pos + need]
-                pos += need
-                if len(tiles) != need:
-                    break
-                side = sp.tiles[0].rows
-                grid = torch.stack(tiles[1:]).view(rows, cols, side, side).permute(0, 2, 1, 3)
-                grid = unpad_image(grid.reshape(1, rows * side, cols * side), torch.tensor(size))[0]
-                out.append(torch.cat([tiles[0], grid.flatten()]))
-            else:
-                if pos >= len(units):
-                    break
-                out.append(units[pos])
-                pos += 1
-            n_tok = sum(t.rows * t.cols for t in sp.tiles)
-            if out[-1].numel() != n_tok:
-                raise MmeffError(
-                    f"vflowopt: image {sp.image_index} has {n_tok} visual tokens but its importance map has "
-                    f"{out[-1].numel()} entries (vision layer {self.config.vision_layer})"
-                )
-        if len(out) != len(spans) or pos != len(units):
+        out = self.adapter.image_tokens(units, spans, state.span_inputs)
+        if out is None:
             raise MmeffError(
                 f"vflowopt: {len(spans)} image(s) in the prompt but the vision tower produced {len(units)} scored "
                 "unit(s) in this forward; the images must be encoded by this call (pixel_values, not inputs_embeds)"
             )
+        for sp, scores in zip(spans, out):
+            n_tok = sum(t.rows * t.cols for t in sp.tiles)
+            if scores.numel() != n_tok:
+                raise MmeffError(
+                    f"vflowopt: image {sp.image_index} has {n_tok} visual tokens but its importance map has "
+                    f"{scores.numel()} entries (vision layer {self.config.vision_layer})"
+                )
         return out
 
+    # -- decoder ------------------------------------------------------------------------------------------
     def select(self, layer: int, state: State, hidden: torch.Tensor) -> Any:
         if layer == 0:
             return self._input_stage(state, hidden)
@@ -349,17 +247,18 @@ class VFlowOpt(Method):
         keep[b_of, pos] = kept
         new_hidden = hidden.clone()
         new_hidden[b_of, pos] = merge_cells(hidden[b_of, pos], s, rep)
-        state.scratch["vflowopt"] = full
-        state.scratch["vflowopt_span"] = (span_map.to(dev), len(counts))
+        data: _Data = self.data(state)
+        data.scores, data.span_map, data.n_images = full, span_map.to(dev), len(counts)
         return keep, new_hidden
 
     def _llm_stage(self, state: State, ratio: float) -> torch.Tensor | None:
         """Per image, drop the ``round(n (1 - ratio))`` lowest of its n prunable slots (ties: the earlier)."""
-        if ratio >= 1.0 or "vflowopt_span" not in state.scratch:  # nothing to drop: decided on the host, no sync
+        data: _Data = self.data(state)
+        if ratio >= 1.0 or data.span_map is None:  # nothing to drop: decided on the host, no sync
             return None
         g = state.group
-        span_map, n_spans = state.scratch["vflowopt_span"]
-        scores = torch.gather(state.scratch["vflowopt"], 1, g.index).flatten()
+        span_map, n_spans = data.span_map, data.n_images
+        scores = torch.gather(data.scores, 1, g.index).flatten()
         span = torch.gather(span_map, 1, g.index)
         span = torch.where(state.prunable_in_group(g) & (span >= 0), span, n_spans).flatten()  # n_spans: not prunable
         count = torch.zeros(n_spans + 1, dtype=torch.long, device=span.device)
@@ -372,8 +271,7 @@ class VFlowOpt(Method):
 
 register_method(VFlowOptConfig, VFlowOpt)
 
-__all__ = ["VFlowOpt", "VFlowOptConfig", "averaged_kept", "cell_ids", "effective_schedule", "merge_cells",
-           "recycle_plan"]
+__all__ = ["VFlowOpt", "VFlowOptConfig", "averaged_kept", "cell_ids", "merge_cells", "recycle_plan", "token_entropy"]
 
 
 def averaged_kept(config: VFlowOptConfig, n_layers: int) -> float:

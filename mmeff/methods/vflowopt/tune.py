@@ -16,62 +16,20 @@ Search space, scaled from the official one for budget b (kept share k = 1 - b; t
 k = 0.25): r_v in [k, min(1, 1.5 k)], r_1 in [0.8 k / min(1, 1.5 k), 1], t in [0, 50], m in [3, 24],
 alpha_v in [-1, 1].
 
-Tuning data: training scenes of :mod:`mmeff_lab.reference` (seeds from ``TRAIN_SEEDS``, never the benchmark's
-held-out seeds) or a user's JSON-lines file of ``{"image": path, "text": prompt}``.
+Tuning data: batches of model inputs, built by the caller (``mmeff tune vflowopt`` uses training scenes of the
+lab's reference generator — never the benchmarks' held-out seeds — or a user's JSON-lines file).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from mmeff.errors import ConfigError
 from mmeff.methods.vflowopt.budget import kept_fraction, scale_layers, solve_last_ratio
 from mmeff.methods.vflowopt.method import VFlowOptConfig
-
-
-@dataclass(frozen=True)
-class Sample:
-    image: Image.Image
-    text: str
-
-
-def reference_samples(n: int, seed0: int = 0) -> list[Sample]:
-    """``n`` training scenes of mmeff_lab.reference (seeds ``seed0..``, inside TRAIN_SEEDS) with a describe prompt."""
-    from mmeff_lab.reference import TRAIN_SEEDS, make_scene, render
-
-    if seed0 < TRAIN_SEEDS.start or seed0 + n > TRAIN_SEEDS.stop:
-        raise ConfigError(f"tuning seeds [{seed0}, {seed0 + n}) must lie inside TRAIN_SEEDS {TRAIN_SEEDS}")
-    return [Sample(render(make_scene(s)), "Describe this image in detail.") for s in range(seed0, seed0 + n)]
-
-
-def load_jsonl(path: str | Path, n: int) -> list[Sample]:
-    """The first ``n`` lines of a JSON-lines file of {"image": path (relative to the file), "text": prompt}."""
-    path = Path(path)
-    out: list[Sample] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                img_path = (path.parent / rec["image"]).resolve()
-                out.append(Sample(Image.open(img_path).convert("RGB"), str(rec["text"])))
-            except (json.JSONDecodeError, KeyError, OSError) as e:
-                raise ConfigError(f"{path}:{lineno}: bad tuning record ({type(e).__name__}: {e})") from None
-            if len(out) == n:
-                break
-    if not out:
-        raise ConfigError(f"{path}: no tuning records")
-    return out
 
 
 def search_space(budget: float) -> dict[str, tuple[float, float]]:
@@ -177,32 +135,3 @@ def tune_vflowopt(
                          layers_of=0)
     assert abs(1.0 - kept_fraction(cfg.r_v, layers, cfg.llm_ratios, n_layers) - budget) < 1e-6
     return cfg, float(best.value)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, (tuple, list)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return repr(v)
-
-
-def write_preset(path: str | Path, name: str, config: VFlowOptConfig, description: str) -> Path:
-    """Write ``config`` as a one-preset TOML file (the format of mmeff/presets), atomically."""
-    path = Path(path)
-    lines = [f"[{json.dumps(name)}]", f"description = {json.dumps(description)}", 'method = "vflowopt"']
-    for key, value in config.to_dict().items():
-        if key != "method" and value is not None:
-            lines.append(f"{key} = {_toml_value(value)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -31,16 +31,17 @@ Per decoder layer, at prefill (our reading of the paper; items marked * were not
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mmeff.config import MethodConfig, register_method
+from mmeff.config import MethodConfig
 from mmeff.engine.attention import AttentionCall
 from mmeff.engine.cache import SlotLayer
-from mmeff.engine.method import Method, Point
+from mmeff.engine.method import Method, Point, register_method
+from mmeff.engine.ranking import inverse_permutation, true_positions
 from mmeff.engine.state import Group, State, restrict_mask, select
 from mmeff.errors import ConfigError
 from mmeff.kernels.attention_stats import received_attention
@@ -68,11 +69,6 @@ class ZipVLConfig(MethodConfig):
 
 
 # -- the ratio rule and the probes -------------------------------------------------------------------------------
-def _rank(order: torch.Tensor) -> torch.Tensor:
-    """Inverse of a per-row permutation [B, L]: each slot's place in ``order``."""
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
-
 
 def important_set(scores: torch.Tensor, candidates: torch.Tensor, tau: float) -> torch.Tensor:
     """[B, L] bool: per row, the smallest set of candidates whose score mass reaches ``tau`` of the candidates'
@@ -85,7 +81,7 @@ def important_set(scores: torch.Tensor, candidates: torch.Tensor, tau: float) ->
     n_keep = (mass < tau * total).sum(1) + 1
     full = (total[:, 0] <= 0) | (tau >= 1.0)
     n_keep = torch.where(full, n_cand, torch.minimum(n_keep, n_cand))
-    rank = _rank(order)
+    rank = inverse_permutation(order)
     return candidates & (rank < n_keep[:, None])
 
 
@@ -102,20 +98,8 @@ def choose_probes(
     recent = real & (from_end <= n_recent[:, None])
     rest = real & ~recent
     priority = torch.rand(real.shape, generator=generator, device=real.device).masked_fill(~rest, 2.0)
-    picked = rest & (_rank(priority.argsort(1)) < (n_probe - n_recent)[:, None])
+    picked = rest & (inverse_permutation(priority.argsort(1)) < (n_probe - n_recent)[:, None])
     return picked | recent, recent
-
-
-def _rows(mask: torch.Tensor, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot positions [B, M] of the True entries, ascending, padded with position 0; validity [B, M]).
-    ``m``: the largest row count, when the caller already knows it (saves a host read)."""
-    count = mask.sum(1)
-    if m is None:
-        m = int(count.max()) if mask.numel() else 0
-    slot = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    order = torch.where(mask, slot, slot + mask.shape[1]).argsort(1)[:, :m]
-    valid = torch.arange(m, device=mask.device)[None, :] < count[:, None]
-    return torch.where(valid, order, 0), valid
 
 
 # -- the mixed-precision cache -----------------------------------------------------------------------------------
@@ -205,7 +189,7 @@ class ZipVLCacheLayer(SlotLayer):
         for (bits, members), m in zip(sets, sizes):
             if m == 0:
                 continue
-            index, valid = _rows(members, m)
+            index, valid = true_positions(members, m)
             # padding entries repeat a member of the same set (the ranges stay the set's) and land in the dummy slot
             last = torch.gather(index, 1, (valid.sum(1, keepdim=True) - 1).clamp_min(0))
             gather_at = torch.where(valid, index, last)
@@ -313,7 +297,7 @@ class _Prefill:
         cache = self.method.layers.get(self.layer)
         if cache is not None and cache.stored_length() == call.key.shape[2] and not cache.blocks:
             cache.compress(important.to(call.key.device))
-        self.method.record(self.layer, important, real)
+        self.method.record(self.state, self.layer, important, real)
         if not c.sparse_prefill:
             return None
         keep = important | recent
@@ -356,8 +340,14 @@ def sparse_attention(call: AttentionCall, keep: torch.Tensor, g: Group, longest:
     return full.scatter_(1, order[:, :, None, None].expand_as(out), out)
 
 
+@dataclass
+class _Data:
+    important: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> mean important share (device)
+
+
 class ZipVL(Method):
     points = frozenset({Point.LAYER, Point.CACHE})
+    Data = _Data
     # ZipVL computes the attention itself (sparse prefill, decode from the quantized cache): a method that
     # edits attention scores or probabilities in the same layers would be silently bypassed
     conflicts = frozenset({"var", "pai", "fia"})
@@ -369,7 +359,6 @@ class ZipVL(Method):
         # weak: the cache (held by generate or the caller) owns its layers; a strong reference here kept the
         # last prompt's whole cache alive after generation, and across wrap / unwrap
         self.layers: weakref.WeakValueDictionary[int, ZipVLCacheLayer] = weakref.WeakValueDictionary()
-        self._important: dict[int, torch.Tensor] = {}
 
     def validate(self, n_layers: int) -> None:
         c = self.config
@@ -392,7 +381,6 @@ class ZipVL(Method):
 
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
         self.layers = weakref.WeakValueDictionary()  # cache_layer() fills it at this prefill, if a cache is in use
-        self._important = {}
 
     def cache_layer(self, layer: int) -> ZipVLCacheLayer:
         obj = ZipVLCacheLayer(self.config)
@@ -412,24 +400,24 @@ class ZipVL(Method):
         c = self.config
         gen = torch.Generator(device=real.device).manual_seed(c.seed * 100_003 + layer)
         probes, recent = choose_probes(real, c.probe_ratio, c.recent_share, gen)
-        pos, weight = _rows(probes)
+        pos, weight = true_positions(probes)
         query = gather_tokens(call.query, pos)
         acc, count = probe_scores(query, call.key, pos, weight.float(), real, call.scaling)
         cand = real if c.scope == "all" else real & st.visual_in_group(g)
         important = important_set(normalized_scores(acc, count), cand, c.tau)
         return important | recent | (real & ~cand), recent
 
-    def record(self, layer: int, important: torch.Tensor, real: torch.Tensor) -> None:
+    def record(self, state: State, layer: int, important: torch.Tensor, real: torch.Tensor) -> None:
         frac = (important & real).sum(1).float() / real.sum(1).clamp_min(1).float()
-        self._important[layer] = frac.mean()  # read on the host only when last_stats is asked for
+        self.data(state).important[layer] = frac.mean()  # read on the host only when stats are asked for
 
-    @property
-    def last_stats(self) -> dict[str, Any]:
+    def stats(self, state: State) -> dict[str, Any]:
         """Important-token ratio per layer and its mean over layers, for the last prefill."""
-        if not self._important:
+        important = self.data(state).important
+        if not important:
             return {}
-        ratios = torch.stack([self._important[i] for i in sorted(self._important)]).tolist()
-        return {"important_ratio_per_layer": ratios, "important_ratio": sum(ratios) / len(ratios)}
+        ratios = torch.stack([important[i] for i in sorted(important)])
+        return {"important_ratio_per_layer": ratios, "important_ratio": ratios.double().mean()}
 
 
 register_method(ZipVLConfig, ZipVL)
