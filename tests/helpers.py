@@ -11,6 +11,8 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from mmeff.families import adapter_for
+from mmeff.families.prompt import make_inputs
+from mmeff_lab.models.factory import random_image
 
 
 @torch.no_grad()
@@ -42,3 +44,58 @@ def greedy_recompute(
 def method_data(handle: Any, index: int = 0) -> Any:
     """The per-generation ``Data`` of the handle's ``index``-th method in its current state."""
     return handle.pipeline.methods[index].data(handle.pipeline.state)
+
+
+SIZES = [(48, 40), (40, 64), (64, 32)]
+
+
+def batch(processor, family: str, multi_image: bool = True):
+    """Two left-padded samples of different lengths; the second has two images of different sizes."""
+    second = [random_image(2, SIZES[1]), random_image(3, SIZES[2])] if multi_image else [random_image(2, SIZES[1])]
+    return make_inputs(
+        processor,
+        ["describe the picture", "what color is the large shape on the left of these two images"],
+        [[random_image(1, SIZES[0])], second],
+    )
+
+
+def visual_mask(model, inputs) -> torch.Tensor:
+    visual = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    for b, sample in enumerate(adapter_for(model).spans(inputs["input_ids"], inputs)):
+        for sp in sample:
+            visual[b, sp.start : sp.end] = True
+    return visual
+
+
+def hidden_tokens_generate(model, inputs, dropped: torch.Tensor, k: int, steps: int) -> tuple[torch.Tensor, list]:
+    """Greedy decoding, full recompute per step; ``dropped`` [B, N] prompt positions hidden from layers >= k."""
+    layers = adapter_for(model).layers
+    handles = []
+    state = {}
+
+    def hide(module, args, kwargs):
+        m = kwargs["attention_mask"]
+        n = m.shape[-1]
+        drop = torch.zeros(m.shape[0], n, dtype=torch.bool)
+        drop[:, : dropped.shape[1]] = dropped
+        m = m.masked_fill(drop[:, None, None, :], torch.finfo(m.dtype).min)
+        eye = torch.eye(n, dtype=torch.bool)[None, None] & drop[:, None, None, :]
+        kwargs["attention_mask"] = m.masked_fill(eye, 0.0)  # a hidden token still sees itself (no empty row)
+        state["used"] = True
+        return args, kwargs
+
+    for layer in layers[k:]:
+        handles.append(layer.register_forward_pre_hook(hide, with_kwargs=True))
+    return greedy_recompute(model, inputs, steps, handles)
+
+
+def visible_from_geometry(q_pos, k_pos, k_valid):
+    return (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+
+
+def dense_relevance(a: torch.Tensor, t: float) -> torch.Tensor:
+    recv = a.mean(0)
+    g = (recv > t * recv.mean()).nonzero().flatten()
+    if g.numel() == 0:
+        g = recv.argmax()[None]
+    return a[g].mean(0)

@@ -9,18 +9,7 @@ import mmeff
 from mmeff.engine.method import Method, Point
 from mmeff.families.prompt import make_inputs
 from mmeff_lab.models.factory import FAMILIES, load_tiny, random_image
-
-SIZES = [(48, 40), (40, 64), (64, 32)]
-
-
-def batch(processor, family: str, multi_image: bool = True):
-    """Two left-padded samples of different lengths; the second has two images of different sizes."""
-    second = [random_image(2, SIZES[1]), random_image(3, SIZES[2])] if multi_image else [random_image(2, SIZES[1])]
-    return make_inputs(
-        processor,
-        ["describe the picture", "what color is the large shape on the left of these two images"],
-        [[random_image(1, SIZES[0])], second],
-    )
+from tests.helpers import SIZES, batch
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

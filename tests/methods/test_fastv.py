@@ -9,8 +9,8 @@ import torch
 import mmeff
 from mmeff.engine.ranking import keep_top
 from mmeff.families import adapter_for
-from tests.helpers import greedy_recompute
-from tests.test_wrap import batch
+from tests.helpers import batch
+from tests.helpers import hidden_tokens_generate as reference_generate
 
 
 def reference_scores(model, inputs, k: int, query: str) -> torch.Tensor:
@@ -23,28 +23,6 @@ def reference_scores(model, inputs, k: int, query: str) -> torch.Tensor:
         real[:, -1] = True
     w = real.float()
     return torch.einsum("bqk,bq->bk", att, w) / w.sum(1, keepdim=True)
-
-
-def reference_generate(model, inputs, dropped: torch.Tensor, k: int, steps: int) -> tuple[torch.Tensor, list]:
-    """Greedy decoding, full recompute per step; ``dropped`` [B, N] prompt positions hidden from layers >= k."""
-    layers = adapter_for(model).layers
-    handles = []
-    state = {}
-
-    def hide(module, args, kwargs):
-        m = kwargs["attention_mask"]
-        n = m.shape[-1]
-        drop = torch.zeros(m.shape[0], n, dtype=torch.bool)
-        drop[:, : dropped.shape[1]] = dropped
-        m = m.masked_fill(drop[:, None, None, :], torch.finfo(m.dtype).min)
-        eye = torch.eye(n, dtype=torch.bool)[None, None] & drop[:, None, None, :]
-        kwargs["attention_mask"] = m.masked_fill(eye, 0.0)  # a hidden token still sees itself (no empty row)
-        state["used"] = True
-        return args, kwargs
-
-    for layer in layers[k:]:
-        handles.append(layer.register_forward_pre_hook(hide, with_kwargs=True))
-    return greedy_recompute(model, inputs, steps, handles)
 
 
 @pytest.mark.parametrize("k,ratio,query", [(2, 0.5, "all"), (1, 0.75, "last")])

@@ -19,8 +19,7 @@ from mmeff.methods.var import discover_sink_dims, redistribute, sink_scores
 from mmeff.methods.vcd import add_diffusion_noise, contrast
 from mmeff.methods.vhr import head_divergence, reinforced_heads
 from mmeff_lab.models.factory import load_tiny, random_image
-from tests.helpers import method_data
-from tests.test_wrap import batch
+from tests.helpers import batch, method_data
 
 GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
 

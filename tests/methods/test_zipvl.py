@@ -18,7 +18,7 @@ from mmeff.kernels.kv_quant import reference as kvq
 from mmeff.kernels.probe_scores import normalized_scores, probe_scores
 from mmeff.methods.zipvl.method import ZipVLCacheLayer, ZipVLConfig, choose_probes, important_set
 from mmeff_lab.models.factory import FAMILIES, load_tiny, random_image
-from tests.test_wrap import SIZES, batch
+from tests.helpers import SIZES, batch
 
 GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -365,3 +365,18 @@ def test_cache_is_released_with_the_output(tiny_model_dir):
         assert all(r() is not None for r in layers)
         del out
         assert all(r() is None for r in layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_generate_with_fused_decode_equals_materialised_reference(tiny_model_dir):
+    """End to end on CUDA: ``generate`` decoding through the Triton kernel = the dequantize-then-SDPA path
+    (left-padded batch, recompression every 2 tokens)."""
+    from mmeff_lab.models.factory import load_tiny
+    from tests.helpers import batch
+
+    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+    model.to("cuda")
+    inputs = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch(processor, "llava").items()}
+    assert_fused_decode_matches_reference(model, inputs)

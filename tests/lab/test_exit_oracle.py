@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mmeff.presets import load_preset_file
 
-_SPEC = importlib.util.spec_from_file_location("exit_oracle", Path(__file__).parents[1] / "scripts" / "exit_oracle.py")
+_SPEC = importlib.util.spec_from_file_location("exit_oracle", Path(__file__).parents[2] / "scripts" / "exit_oracle.py")
 exit_oracle = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(exit_oracle)
 

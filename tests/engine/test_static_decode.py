@@ -16,7 +16,7 @@ import mmeff
 from mmeff.engine.cache import SlotLayer, find_cache
 from mmeff.errors import MmeffError
 from mmeff_lab.models.factory import FAMILIES, load_tiny
-from tests.test_wrap import batch
+from tests.helpers import batch
 
 GEN = dict(max_new_tokens=7, min_new_tokens=7, do_sample=False, output_logits=True, return_dict_in_generate=True)
 

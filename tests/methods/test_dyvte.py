@@ -15,8 +15,7 @@ from mmeff.methods.dyvte.method import DyVTE, DyVTERouters, router_features, tex
 from mmeff.methods.dyvte.train import exit_labels, head_tensors, train_dyvte
 from mmeff_lab.models.factory import load_tiny
 from mmeff_lab.training.data import synthetic_examples
-from tests.helpers import greedy_recompute
-from tests.test_wrap import batch
+from tests.helpers import batch, greedy_recompute, visual_mask
 
 
 def save_routers(path, model, width: int = 8, seed: int = 0):
@@ -26,14 +25,6 @@ def save_routers(path, model, width: int = 8, seed: int = 0):
     meta = {"kind": "dyvte", "family": a.family, "model": "tiny", "hidden_size": routers.hidden_size,
             "num_layers": routers.num_layers, "width": width}
     return save_head(path, head_tensors(routers), meta)
-
-
-def visual_mask(model, inputs) -> torch.Tensor:
-    visual = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-    for b, sample in enumerate(adapter_for(model).spans(inputs["input_ids"], inputs)):
-        for sp in sample:
-            visual[b, sp.start : sp.end] = True
-    return visual
 
 
 def reference_generate(model, inputs, visual: torch.Tensor, exits: list[int], steps: int):

@@ -23,7 +23,7 @@ from mmeff_lab.evaluation.tasks import parse_tasks
 from mmeff_lab.models.loading import ModelLoadError, ensure_tiny, load_model
 from mmeff_lab.reference.synthetic import ensure_benchmarks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

@@ -13,7 +13,7 @@ from mmeff.families import FAMILY_NAMES, adapter_for
 from mmeff.families.base import ImageSpan, Tile, runs
 from mmeff.families.prompt import make_inputs
 from mmeff_lab.models.factory import FAMILIES, load_tiny, random_image
-from tests.test_wrap import SIZES, batch
+from tests.helpers import SIZES, batch
 
 
 def test_runs():

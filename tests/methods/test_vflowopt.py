@@ -12,32 +12,14 @@ import torch
 import mmeff
 from mmeff.families import adapter_for
 from mmeff.families.llava import LlavaAdapter
-from mmeff.kernels.vflowopt_score import reference as ref
 from mmeff.methods.vflowopt.budget import averaged_budget, fastv_ratio_for_budget, kept_fraction, solve_last_ratio
 from mmeff.methods.vflowopt.method import VFlowOptConfig, cell_ids, merge_cells, recycle_plan, token_entropy
 from mmeff.presets import get_preset
 from mmeff_lab.models.factory import load_tiny
-from tests.helpers import greedy_recompute, method_data
-from tests.test_wrap import batch
+from tests.helpers import batch, dense_relevance, greedy_recompute, method_data
 
 
 # -- importance map --------------------------------------------------------------------------------------
-def test_entropy_of_known_patches():
-    flat = torch.full((1, 64), 17)
-    halves = torch.cat([torch.zeros(1, 32), torch.full((1, 32), 200)], 1)
-    quarters = torch.arange(4).repeat_interleave(16)[None] * 60
-    every = torch.arange(256)[None]
-    got = ref.patch_entropy(torch.cat([flat, halves.long(), quarters, every[:, :64] * 0 + every[:, 64:128]]))
-    torch.testing.assert_close(got, torch.tensor([0.0, 1.0, 2.0, 6.0]), atol=1e-5, rtol=0)
-    assert ref.patch_entropy(every).item() == pytest.approx(8.0, abs=1e-5)
-
-
-def test_grey_levels_follow_official_rounding():
-    # channels truncated after * 255, weighted 0.3333 each, rounded: (1.0, 1.0, 1.0) -> 254.97 -> 255
-    px = torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.25, 0.0], [-0.2, 2.0, 0.0]])[..., None]
-    assert ref.grey_levels(px).flatten().tolist() == [255, round(0.3333 * (127 + 63)), round(0.3333 * 255)]
-
-
 def test_clip_token_regions_and_entropy_layout():
     # a 2x2-patch tile: patch (0, 1) is two-valued, the others flat -> entropy map [0, 1, 0, 0] row-major
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -48,49 +30,6 @@ def test_clip_token_regions_and_entropy_layout():
     assert regions.shape == (4, 3, 16) and counts == [4]
     ent = token_entropy(regions, mean, std)
     torch.testing.assert_close(ent, torch.tensor([0.0, 1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
-
-
-def dense_relevance(a: torch.Tensor, t: float) -> torch.Tensor:
-    recv = a.mean(0)
-    g = (recv > t * recv.mean()).nonzero().flatten()
-    if g.numel() == 0:
-        g = recv.argmax()[None]
-    return a[g].mean(0)
-
-
-def test_global_token_selection_and_context_relevance():
-    # hand-made attention: token 2 receives most; with t = 1.5 it is the only global token
-    a = torch.tensor([[0.1, 0.1, 0.7, 0.1], [0.2, 0.1, 0.6, 0.1], [0.3, 0.3, 0.2, 0.2], [0.1, 0.2, 0.6, 0.1]])
-    recv = a.mean(0)
-    unit = torch.zeros(4, dtype=torch.long)
-    assert ref.global_rows(recv, unit, 1.5).tolist() == [False, False, True, False]
-    assert ref.global_rows(recv, unit, 0.0).all()
-    assert ref.global_rows(recv, unit, 100.0).tolist() == [False, False, True, False]  # none pass: the argmax
-    # two units, ties: each falls back to its earliest most-attended token; n_units given or inferred
-    recv2, unit2 = torch.tensor([1.0, 3.0, 3.0, 0.5, 2.0, 2.0]), torch.tensor([0, 0, 0, 0, 1, 1])
-    want = [False, True, False, False, True, False]
-    assert ref.global_rows(recv2, unit2, 100.0).tolist() == want
-    assert ref.global_rows(recv2, unit2, 100.0, n_units=2).tolist() == want
-    # packed sequences with blocks and units equal the dense per-unit formula
-    torch.manual_seed(0)
-    h, d = 3, 8
-    sizes, blocks = [5, 7, 4], [[5], [3, 4], [4]]
-    q, k = torch.randn(h, 16, d), torch.randn(h, 16, d)
-    block = torch.cat([torch.full((n,), i) for i, n in enumerate(x for b in blocks for x in b)])
-    unit = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
-    for t in (0.0, 1.0, 2.5):
-        got = ref.context_relevance(q, k, 0.3, block, unit, t)
-        start = 0
-        for u, n in enumerate(sizes):
-            sl = slice(start, start + n)
-            a = torch.zeros(n, n)
-            off = 0
-            for bl in blocks[u]:
-                s = torch.einsum("hqd,hkd->hqk", q[:, sl][:, off : off + bl], k[:, sl][:, off : off + bl]) * 0.3
-                a[off : off + bl, off : off + bl] = s.softmax(-1).mean(0)
-                off += bl
-            torch.testing.assert_close(got[sl], dense_relevance(a, t), rtol=1e-5, atol=1e-6)
-            start += n
 
 
 @torch.no_grad()

@@ -25,9 +25,8 @@ from mmeff.methods.explain.train import chefer_rule, eager_text, head_tensors, r
 from mmeff_lab.cli import app
 from mmeff_lab.models.factory import FAMILIES, load_tiny
 from mmeff_lab.training.data import synthetic_examples
-from tests.test_dyvte import visual_mask
-from tests.test_fastv import reference_generate
-from tests.test_wrap import batch
+from tests.helpers import batch, visual_mask
+from tests.helpers import hidden_tokens_generate as reference_generate
 
 
 def test_chefer_rule_hand_derived():
