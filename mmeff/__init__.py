@@ -6,7 +6,7 @@
 
 from mmeff.api import Handle, handle_of, unwrap, wrap
 from mmeff.config import MethodConfig
-from mmeff.engine.method import method_names, register_method
+from mmeff.engine.method import Method, Point, method_names, register_method
 from mmeff.errors import (
     ConfigError,
     ImageTokenMismatchError,
@@ -27,9 +27,11 @@ __all__ = [
     "FastVConfig",
     "Handle",
     "ImageTokenMismatchError",
+    "Method",
     "MethodConfig",
     "MmeffError",
     "NoneConfig",
+    "Point",
     "StageConflictError",
     "UnknownPresetError",
     "UnsupportedModelError",

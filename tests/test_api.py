@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -184,3 +188,28 @@ def test_methods_see_an_attention_mask_when_generate_drops_it(family_model):
         pipe.detach()
     assert torch.equal(seen["mask"], torch.ones_like(inputs["input_ids"]))
     assert torch.equal(seen["state"], seen["mask"])
+
+
+@torch.no_grad()
+def test_add_a_method_as_the_architecture_page_says(family_model, tmp_path):
+    """docs/architecture.md "Add a method": its code block, run as written, registers a working method, and its
+    preset table, written to a file, wraps a model with it."""
+    from mmeff.engine import method as registry
+
+    page = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    section = page[page.index("## Add a method"):page.index("## Add a family")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    preset = textwrap.dedent(re.search(r"```toml\n(.*?)```", section, re.S).group(1))
+    family, model, processor = family_model
+    inputs = batch(processor, family)
+    try:
+        exec(compile(code, "docs/architecture.md", "exec"), {})
+        (tmp_path / "keep-first-4.toml").write_text(preset)
+        with mmeff.wrap(model, str(tmp_path / "keep-first-4.toml")) as handle:
+            model(**inputs)
+            st = handle.pipeline.state  # every sample holds more than 4 prunable visual tokens; 4 are left
+            assert st.prunable_in_group(st.groups[0]).sum(1).min() > 4
+            assert st.prunable_in_group(st.group).sum(1).tolist() == [4, 4]
+            assert handle.stats["visual_tokens_kept"] < handle.stats["visual_tokens_in"]
+    finally:
+        registry._REGISTRY.pop("keep-first", None)
