@@ -1,16 +1,12 @@
-"""scripts/exit_oracle.py: forced-exit presets and the oracle exit layer read from sample logs."""
+"""mmeff_lab.evaluation.exits: forced-exit presets and the oracle exit layer read from sample logs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from mmeff.presets import load_preset_file
-
-_SPEC = importlib.util.spec_from_file_location("exit_oracle", Path(__file__).parents[2] / "scripts" / "exit_oracle.py")
-exit_oracle = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(exit_oracle)
+from mmeff_lab.evaluation import exits
 
 
 def _log(root: Path, preset: str, task: str, answers: dict[str, str]) -> None:
@@ -21,7 +17,7 @@ def _log(root: Path, preset: str, task: str, answers: dict[str, str]) -> None:
 
 
 def test_exit_presets_are_fastv_dropping_everything(tmp_path: Path) -> None:
-    paths = exit_oracle.write_exit_presets(tmp_path, 4)
+    paths = exits.write_exit_presets(tmp_path, 4)
     assert [p.name for p in paths] == ["exit-1.toml", "exit-2.toml", "exit-3.toml"]
     (name, preset), = load_preset_file(paths[1]).items()
     assert name == "exit-2" and preset.method == "fastv" and preset.fields == {"k": 2, "ratio": 1.0, "query": "all"}
@@ -33,6 +29,6 @@ def test_oracle_is_the_earliest_exit_with_the_full_answer(tmp_path: Path) -> Non
     _log(tmp_path, "x/exit-1.toml", "pope_random", {"a": "no", "b": "no", "c": "no"})
     _log(tmp_path, "x/exit-2.toml", "pope_random", {"a": "yes", "b": "no", "c": "no"})
     _log(tmp_path, "x/exit-3.toml", "pope_random", {"a": "no", "b": "yes", "c": "no"})
-    t = exit_oracle.report(tmp_path, 4)["tasks"]["pope_random"]
+    t = exits.oracle_report(tmp_path, 4)["tasks"]["pope_random"]
     assert t["agree_by_exit"] == {1: 1 / 3, 2: 2 / 3, 3: 0.0}
     assert t["oracle_mean_exit"] == (2 + 1 + 4) / 3  # c never agrees: it needs every layer

@@ -14,7 +14,7 @@ which are impossible here and in CI, so the package ships the exact tables those
   are WordNet 3.0 noun lemmas (first occurrence order); return the shortest (first on ties), else the
   word. The tables come from ``data/wordnet_noun_lexicon.json.gz`` (index.noun + noun.exc).
 
-Both files are built by ``scripts/build_lexicon.py``; tests pin the results against pairs produced
+Both files are built by ``experiments/build_lexicon.py``; tests pin the results against pairs produced
 by the real nltk over the Debian WordNet 3.0 files.
 """
 

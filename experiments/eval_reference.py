@@ -1,6 +1,7 @@
 """Quick evaluation of a reference VLM on the synthetic benchmarks (GPU machine right after training, or CPU).
 
-    python scripts/eval_reference.py --model out/llava/model [--limit N] [--device cuda] [--json out/llava/eval.json]
+    python experiments/eval_reference.py --model out/llava/model [--limit N] [--device cuda] \\
+        [--json out/llava/eval.json]
 
 Unwrapped model, greedy decoding. POPE random/popular/adversarial (question + "\\nAnswer the question using a
 single word or phrase."), CHAIR ("Please describe this image in detail.", 128 new tokens), MME existence /
@@ -13,14 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff_lab.evaluation.chair import evaluate_chair
 from mmeff_lab.evaluation.mme import MMEResult, load_mme, mme_scores

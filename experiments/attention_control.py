@@ -1,6 +1,6 @@
-"""Is the last token's attention on the asked object *selection* or just objectness? (issue 4, per model)
+"""Is the last token's attention on the asked object *selection* or just objectness? (per reference model)
 
-`object_attention_ratio` (the issue's criterion) divides the last prompt token's attention on the asked object's
+`object_attention_ratio` (the acceptance criterion) divides the last prompt token's attention on the asked object's
 visual tokens by its mean over all visual tokens; objects draw more attention than background whatever is asked.
 This adds controls on the same POPE "yes" questions (images with a second category present): the same ratio for
 the cells of *another* present object (not asked), for the first text token after the image (it has not read the
@@ -8,20 +8,17 @@ question yet), for the asked object's name in the question (its last token), and
 tail from the question mark on (the same tokens for every question). Selection shows as asked >> other;
 objectness as asked ~ other > 1.
 
-    python scripts/attention_control.py --arch llava --bench BENCH_DIR [--n 50] [--json OUT.json]
+    python experiments/attention_control.py --arch llava --bench BENCH_DIR [--n 50] [--json OUT.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff_lab.evaluation.pope import load_questions
 from mmeff_lab.evaluation.tasks import POPE_SUFFIX

@@ -1,8 +1,8 @@
 """Train a reference VLM on procedural scenes (GPU machine; resumable across 10-minute commands).
 
-    python scripts/train_reference.py --prepare --images 40000 --workers 16      # render once (out/data)
-    python scripts/train_reference.py --arch llava --minutes 6 --total-minutes 6  # train, save out/llava/model
-    python scripts/train_reference.py --arch llava --minutes 9 --total-minutes 15 --resume  # continue
+    python experiments/train_reference.py --prepare --images 40000 --workers 16      # render once (out/data)
+    python experiments/train_reference.py --arch llava --minutes 6 --total-minutes 6  # train, save out/llava/model
+    python experiments/train_reference.py --arch llava --minutes 9 --total-minutes 15 --resume  # continue
 
 The schedule (warm-up + cosine) runs over --total-minutes of training time, split over any number of
 commands; each command stops before its --minutes wall budget, writes a checkpoint and the fp16 model.
@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff_lab.reference.model import ARCHS
 from mmeff_lab.reference.scenes import DEFAULT_GLYPHS

@@ -1,15 +1,13 @@
 """Write the ablation variants of a VFlowOpt preset file: ``<stem>-noentropy.toml`` (alpha_v = 0) and
 ``<stem>-norecycle.toml`` (recycle = false).
 
-    python scripts/ablate_preset.py out/tables/vflowopt-90-tuned.toml out/tables
+    python experiments/vflowopt_ablations.py out/vflowopt/tuned/vflowopt-90-tuned.toml out/vflowopt/tuned
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff.presets import get_preset, write_preset
 
@@ -26,4 +24,8 @@ def main(src: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("preset", help="the VFlowOpt preset file to ablate")
+    ap.add_argument("out_dir", help="folder for the two variants")
+    a = ap.parse_args()
+    main(a.preset, a.out_dir)

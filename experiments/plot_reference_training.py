@@ -1,13 +1,13 @@
 """Plot reference-model training curves (language loss, auxiliary vision loss) from train_log.jsonl files.
 
-    python scripts/plot_training.py docs/img/reference_training.png \
+    python experiments/plot_reference_training.py docs/img/reference_training.png \
         llava=docs/results/reference_llava_train_log.jsonl qwen2vl=docs/results/reference_qwen2vl_train_log.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -37,4 +37,8 @@ def main(out: str, *runs: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("png", help="the plot to write")
+    ap.add_argument("runs", nargs="+", help="NAME=train_log.jsonl, one per curve")
+    a = ap.parse_args()
+    main(a.png, *a.runs)

@@ -1,28 +1,25 @@
-"""Could any DyVTE router exit early? (issue 7, per model)
+"""Could any DyVTE router exit early? (per reference model)
 
-The exit oracle (`scripts/exit_oracle.py`) lets "no" answers leave at layer 1: without the image the model says
+The exit oracle (`experiments/exit_oracle.py`) lets "no" answers leave at layer 1: without the image the model says
 "no". A router can only do that if the hidden states entering layer k already tell a "no" from a "yes". This
-fits, per layer k, a logistic probe on the router's own input (`mmeff.methods.dyvte.router_features`: mean text
+fits, per layer k, a logistic probe on the router's own input (`mmeff.methods.dyvte.method.router_features`: mean text
 state after the image, last token state) to the unwrapped model's final POPE answer, and reports its accuracy
 on held-out images (2-fold, split by image) beside the majority rate. An exit at layer 1 for every "no" with the
 other answers kept to layer 5 gives mean exit 3.0 at 100% agreement; every "yes" the router takes for a "no" is
-a wrong answer, so ~99% probe accuracy at layers 1-2 is what the issue's target (>= 97% kept, exit <= L/2) needs.
+a wrong answer, so ~99% probe accuracy at layers 1-2 is what the DyVTE target (>= 97% kept, exit <= L/2) needs.
 
-    python scripts/answer_probe.py --arch llava --bench BENCH_DIR [--device cpu] [--json OUT.json]
+    python experiments/dyvte_answer_probe.py --arch llava --bench BENCH_DIR [--device cpu] [--json OUT.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmeff.methods.dyvte.method import router_features, text_after_image
 from mmeff_lab.evaluation.pope import load_questions

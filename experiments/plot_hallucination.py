@@ -1,12 +1,13 @@
 """CHAIR_S vs CHAIR recall per preset from an `mmeff eval` results.json (hallucination table plot).
 
-    python scripts/plot_halluc.py docs/results/halluc_reference_llava.json docs/img/halluc_reference_llava.png
+    python experiments/plot_hallucination.py docs/results/halluc_reference_llava.json \\
+        docs/img/halluc_reference_llava.png
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -32,4 +33,8 @@ def main(src: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", help="an `mmeff eval` results.json with CHAIR")
+    ap.add_argument("png", help="the plot to write")
+    a = ap.parse_args()
+    main(a.results, a.png)
