@@ -67,26 +67,35 @@ def visual_mask(model, inputs) -> torch.Tensor:
     return visual
 
 
-def hidden_tokens_generate(model, inputs, dropped: torch.Tensor, k: int, steps: int) -> tuple[torch.Tensor, list]:
-    """Greedy decoding, full recompute per step; ``dropped`` [B, N] prompt positions hidden from layers >= k."""
-    layers = adapter_for(model).layers
+def masked_keys_generate(model, inputs, drop_for, steps: int) -> tuple[torch.Tensor, list]:
+    """Greedy decoding, full recompute per step; decoder layer ``l`` hides the prompt positions ``drop_for(l)``
+    ([B, N] bool, or None for none) as keys — a hidden token still sees itself, so no attention row is empty."""
     handles = []
-    state = {}
 
-    def hide(module, args, kwargs):
-        m = kwargs["attention_mask"]
-        n = m.shape[-1]
-        drop = torch.zeros(m.shape[0], n, dtype=torch.bool)
-        drop[:, : dropped.shape[1]] = dropped
-        m = m.masked_fill(drop[:, None, None, :], torch.finfo(m.dtype).min)
-        eye = torch.eye(n, dtype=torch.bool)[None, None] & drop[:, None, None, :]
-        kwargs["attention_mask"] = m.masked_fill(eye, 0.0)  # a hidden token still sees itself (no empty row)
-        state["used"] = True
-        return args, kwargs
+    def hide_from(layer: int):
+        dropped = drop_for(layer)
 
-    for layer in layers[k:]:
-        handles.append(layer.register_forward_pre_hook(hide, with_kwargs=True))
+        def hide(module, args, kwargs):
+            m = kwargs["attention_mask"]
+            n = m.shape[-1]
+            drop = torch.zeros(m.shape[0], n, dtype=torch.bool)
+            drop[:, : dropped.shape[1]] = dropped
+            m = m.masked_fill(drop[:, None, None, :], torch.finfo(m.dtype).min)
+            eye = torch.eye(n, dtype=torch.bool)[None, None] & drop[:, None, None, :]
+            kwargs["attention_mask"] = m.masked_fill(eye, 0.0)
+            return args, kwargs
+
+        return hide if dropped is not None else None
+
+    for i, layer in enumerate(adapter_for(model).layers):
+        if (hook := hide_from(i)) is not None:
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     return greedy_recompute(model, inputs, steps, handles)
+
+
+def hidden_tokens_generate(model, inputs, dropped: torch.Tensor, k: int, steps: int) -> tuple[torch.Tensor, list]:
+    """``dropped`` [B, N] prompt positions hidden (as keys) from decoder layer ``k`` on (FastV's plan)."""
+    return masked_keys_generate(model, inputs, lambda layer: dropped if layer >= k else None, steps)
 
 
 def visible_from_geometry(q_pos, k_pos, k_valid):

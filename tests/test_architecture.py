@@ -1,6 +1,6 @@
 """The tree's architecture, enforced: the library (``mmeff``) never imports the lab (``mmeff_lab``), no import cycle
 anywhere, ``wrap`` loads nothing of the lab or of the trainers, methods install no torch hooks of their own and
-hold no family-specific branch, and nothing reads the ``../shared`` folder beside a developer's checkout."""
+hold no family-specific branch, and nothing reads the shared folder that sits beside a developer's checkout."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_methods_install_no_hooks_and_hold_no_family_branch() -> None:
         assert "attach" not in vars(cls), f"{cls.__name__} overrides attach"
 
 
-SHARED_PATH = re.compile(r"""["']shared["']\s*/|/\s*["']shared["']|\.\./shared|shared/data|MMEFF_SHARED""")
+SHARED_PATH = re.compile(r"""["']shared["']\s*/|/\s*["']shared["']|\.\./shared|shared[/]data|MMEFF_SHARED""")
 
 
 def test_nothing_reads_the_shared_folder_beside_the_checkout() -> None:

@@ -15,7 +15,7 @@ from mmeff.methods.dyvte.method import DyVTE, DyVTERouters, router_features, tex
 from mmeff.methods.dyvte.train import exit_labels, head_tensors, train_dyvte
 from mmeff_lab.models.factory import load_tiny
 from mmeff_lab.training.data import synthetic_examples
-from tests.helpers import batch, greedy_recompute, visual_mask
+from tests.helpers import batch, masked_keys_generate, visual_mask
 
 
 def save_routers(path, model, width: int = 8, seed: int = 0):
@@ -29,27 +29,7 @@ def save_routers(path, model, width: int = 8, seed: int = 0):
 
 def reference_generate(model, inputs, visual: torch.Tensor, exits: list[int], steps: int):
     """Greedy decoding, full recompute per step; sample b's visual tokens hidden (as keys) from layer exits[b]."""
-    layers = adapter_for(model).layers
-    handles = []
-
-    def hide_from(k: int):
-        drop_p = visual & (torch.tensor(exits)[:, None] <= k)
-
-        def hide(module, args, kwargs):
-            m = kwargs["attention_mask"]
-            n = m.shape[-1]
-            drop = torch.zeros(m.shape[0], n, dtype=torch.bool)
-            drop[:, : drop_p.shape[1]] = drop_p
-            m = m.masked_fill(drop[:, None, None, :], torch.finfo(m.dtype).min)
-            eye = torch.eye(n, dtype=torch.bool)[None, None] & drop[:, None, None, :]
-            kwargs["attention_mask"] = m.masked_fill(eye, 0.0)
-            return args, kwargs
-
-        return hide
-
-    for k, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(hide_from(k), with_kwargs=True))
-    return greedy_recompute(model, inputs, steps, handles)
+    return masked_keys_generate(model, inputs, lambda k: visual & (torch.tensor(exits)[:, None] <= k), steps)
 
 
 def force_exits(method: DyVTE, exits: list[int]) -> list[tuple[int, int]]:
