@@ -71,7 +71,9 @@ def wrap(
     ``model(...)`` / ``model.generate(...)`` as before; ``mmeff.unwrap(model)`` restores the original.
 
     ``cuda_graphs=True``: decode steps read a preallocated KV cache and replay one CUDA graph per token
-    (:mod:`mmeff.engine.static_decode`; the model must sit on one CUDA device, and every method be graphable).
+    (:mod:`mmeff.engine.static_decode`), and a prefill whose shapes were seen before replays one CUDA graph of the
+    whole forward (:mod:`mmeff.engine.prefill_graph`; ``handle.stats["prefill_graph"]`` says how the last one
+    ran). The model must sit on one CUDA device, and every method be graphable.
 
     ``timing=True``: ``handle.stats`` also reports the prefill and decode wall times; each forward then waits for
     the device at its start and end, so leave it off where speed matters.
@@ -88,6 +90,7 @@ def wrap(
     if cuda_graphs:
         try:
             pipeline.enable_static_decode()
+            pipeline.enable_prefill_graphs()
         except MmeffError:
             pipeline.detach()
             raise

@@ -20,6 +20,7 @@ pipeline makes a fresh one per prefill and ``self.data(state)`` returns it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -47,7 +48,21 @@ class Point(str, Enum):
 # Points where two methods would fight over one decision: at most one method may use each.
 EXCLUSIVE_POINTS = frozenset({Point.INPUT, Point.CACHE, Point.LOGITS})
 
-Selection = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Kept:
+    """A selection whose counts are known on the host: ``longest`` = the largest number of slots a row keeps,
+    ``uniform`` = every row keeps that many. The pipeline then never reads a count from the device (what a
+    captured prefill needs, :mod:`mmeff.engine.prefill_graph`)."""
+
+    keep: torch.Tensor  # [B, L] bool over the current slots
+    hidden: torch.Tensor | None = None  # changed hidden states (token merging), or None
+    longest: int | None = None
+    uniform: bool = False
+
+
+Selection = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Kept
 
 
 class Host(Protocol):
@@ -112,7 +127,8 @@ class Method:
 
     def select(self, layer: int, state: State, hidden: torch.Tensor) -> Selection | None:
         """Prefill, before decoder layer ``layer`` (0 = the input stage): a [B, L] keep mask over the current
-        slots, or (keep, hidden) with changed hidden states (token merging), or None for no change."""
+        slots, or (keep, hidden) with changed hidden states (token merging), or a :class:`Kept` that also gives
+        the counts from the host, or None for no change."""
         return None
 
     def layer_input(self, layer: int, state: State, hidden: torch.Tensor) -> None:

@@ -38,7 +38,8 @@ from torch.utils.hooks import RemovableHandle
 
 from mmeff.engine import attention
 from mmeff.engine.cache import CACHE_KWARGS, SlotLayer, cache_kwarg, cache_nbytes, find_cache, install_slot_layers
-from mmeff.engine.method import EXCLUSIVE_POINTS, Method, Point
+from mmeff.engine.method import EXCLUSIVE_POINTS, Kept, Method, Point
+from mmeff.engine.prefill_graph import PrefillGraphs
 from mmeff.engine.side_stream import SideStream
 from mmeff.engine.state import Group, State, gather_seq, identity_group, restrict_mask, select
 from mmeff.engine.static_decode import RESERVE, StaticDecoder
@@ -71,6 +72,7 @@ class Pipeline:
         self._suspended = False
         self._measured: dict[str, Any] = {}
         self.static: StaticDecoder | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.validate()
         for m in methods:
             m.host = self
@@ -110,6 +112,22 @@ class Pipeline:
             static = StaticDecoder(self, capture, reserve)
             static.attach()  # refuses methods that are not graphable
             self.static = static
+
+    def enable_prefill_graphs(self, capture: bool = True) -> None:
+        """Replay whole prefills of a repeated shape from CUDA graphs (:mod:`mmeff.engine.prefill_graph`;
+        ``capture=False``: the same bookkeeping with an eager "replay" — the CPU reference)."""
+        if self.prefill_graphs is None:
+            not_graphable = [m.name for m in self.methods if not m.graphable]
+            if not_graphable:
+                raise MmeffError(f"cuda_graphs: {not_graphable} run extra forwards or their own cache; not graphable")
+            graphs = PrefillGraphs(self, capture)
+            graphs.attach()
+            self.prefill_graphs = graphs
+
+    def reset_call(self) -> None:
+        """Forget what the hooks memoised for the current forward call (a prefill graph re-runs one)."""
+        self._memo.clear()
+        self._layer_kwargs = {}
 
     def _hook(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)
@@ -197,6 +215,9 @@ class Pipeline:
             self._patched.append((base, name))
 
     def detach(self) -> None:
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.detach()
+            self.prefill_graphs = None
         if self.static is not None:
             self.static.detach()
             self.static = None
@@ -294,6 +315,8 @@ class Pipeline:
         }
         if self.timing:
             self._measured.update(prefill_ms=self._clock() - self._t0, decode_ms=0.0)
+        if self.prefill_graphs is not None:
+            self._measured["prefill_graph"] = self.prefill_graphs.last
         for m in self.methods:
             self._measured.update(m.stats(st))
 
@@ -364,6 +387,7 @@ class Pipeline:
                     layout[i, sp.start : sp.end] = sp.grid()["layout"]
             dev = input_ids.device
             state = State(spans, visual.to(dev), layout.to(dev), inputs.get("attention_mask"), n)
+            state.host_prunable = (visual & ~layout).sum(1).tolist()
             state.groups.append(identity_group(b, n, dev))
             state.span_inputs = {k: inputs.get(k) for k in self.adapter.span_inputs}
         state.method_data = {m.name: m.Data() for m in self.methods if m.Data is not None}
@@ -444,8 +468,13 @@ class Pipeline:
             sel = m.select(layer, st, hidden)
             if sel is None:
                 continue
-            keep, new_hidden = sel if isinstance(sel, tuple) else (sel, hidden)
-            group = select(st.group, keep.to(hidden.device), layer)
+            if isinstance(sel, Kept):
+                keep, new_hidden, longest, uniform = sel.keep, sel.hidden, sel.longest, sel.uniform
+            else:
+                keep, new_hidden = sel if isinstance(sel, tuple) else (sel, None)
+                longest, uniform = None, False
+            new_hidden = hidden if new_hidden is None else new_hidden
+            group = select(st.group, keep.to(hidden.device), layer, longest, uniform)
             st.saved_hidden.append(new_hidden)
             st.groups.append(group)
             hidden = gather_seq(new_hidden, group.order, dim=1)
@@ -463,7 +492,7 @@ class Pipeline:
                     kwargs[key] = self._memoised(value, g, lambda v: self._gather_positions(v, g.index))
             mask = kwargs.get("attention_mask")
             kwargs["attention_mask"] = self._memoised(
-                mask, g, lambda m: restrict_mask(m, g.index, g.index, g.valid, n_slots, (g.index, g.index))
+                mask, g, lambda m: restrict_mask(m, g.index, g.index, g.valid, n_slots, (g.index, g.index), g.full)
             )
         else:
             q_pos, k_index, k_valid = st.decode_slots(g)  # the mask itself carries the padding

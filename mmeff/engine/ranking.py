@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from mmeff.engine.method import Kept
+from mmeff.engine.state import State
+
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     """Inverse of a per-row permutation [B, L]: each slot's place in ``order``."""
@@ -21,6 +24,18 @@ def keep_top(scores: torch.Tensor, candidates: torch.Tensor, ratio: float) -> to
     masked = scores.float().masked_fill(~candidates, float("-inf"))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
     return ~candidates | (inverse_permutation(order) < n_keep[:, None])
+
+
+def keep_top_of_state(state: State, scores: torch.Tensor, ratio: float) -> Kept:
+    """:func:`keep_top` over the prunable slots of the current group; from the input group (every prompt slot)
+    the kept counts come from the host-side span layout, so no count is read from the device."""
+    g = state.group
+    keep = keep_top(scores, state.prunable_in_group(g), ratio)
+    if g is not state.groups[0] or state.host_prunable is None:
+        return Kept(keep)
+    n = g.index.shape[1]
+    counts = [n - p + round(p * (1.0 - ratio)) for p in state.host_prunable]  # = keep_top's (half to even)
+    return Kept(keep, longest=max(counts), uniform=len(set(counts)) == 1)
 
 
 def rank_in_group(scores: torch.Tensor, group: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

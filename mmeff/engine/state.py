@@ -28,6 +28,7 @@ class Group:
     index: torch.Tensor  # [B, L] long: original positions held, ascending per row
     valid: torch.Tensor  # [B, L] bool: False for fill slots
     order: torch.Tensor | None = None  # [B, L] positions in the previous group's slots (None for the identity)
+    full: bool | None = None  # every slot valid (no fill slots), when known without reading the device
 
 
 @dataclass
@@ -47,6 +48,7 @@ class State:
     step_tokens: int = 1  # decode: tokens fed by the current call
     method_data: dict[str, Any] = field(default_factory=dict)  # each method's ``Data``, by method name
     static_run: Any = None  # the static decode of this generation (mmeff.engine.static_decode), once begun
+    host_prunable: list[int] | None = None  # per sample: visual non-layout tokens (host-side, from the spans)
 
     @property
     def batch_size(self) -> int:
@@ -97,14 +99,16 @@ class State:
 
 def identity_group(batch: int, n: int, device: torch.device) -> Group:
     index = torch.arange(n, device=device).expand(batch, n).contiguous()
-    return Group(0, index, torch.ones(batch, n, dtype=torch.bool, device=device))
+    return Group(0, index, torch.ones(batch, n, dtype=torch.bool, device=device), full=True)
 
 
-def select(prev: Group, keep: torch.Tensor, start_layer: int, n_new: int | None = None) -> Group:
+def select(prev: Group, keep: torch.Tensor, start_layer: int, n_new: int | None = None,
+           uniform: bool = False) -> Group:
     """The group that keeps ``keep[b, j]`` slots of ``prev`` (invalid slots are never kept).
 
     Rows are padded to the longest with the earliest dropped slots, as invalid fill slots. ``n_new``: the
-    longest row's count, when the caller already read it (saves a host synchronisation).
+    longest row's count, when the caller knows it from the host (saves a host synchronisation); ``uniform``:
+    every row keeps ``n_new`` (so no fill slot: the group is ``full``).
     """
     keep = keep & prev.valid
     if n_new is None:
@@ -118,6 +122,7 @@ def select(prev: Group, keep: torch.Tensor, start_layer: int, n_new: int | None 
         torch.gather(prev.index, 1, order),
         torch.gather(keep, 1, order),
         order,
+        full=True if uniform else None,
     )
 
 
@@ -143,14 +148,16 @@ def restrict_mask(
     k_valid: torch.Tensor,
     q_len: int,
     causal_orig: tuple[torch.Tensor, torch.Tensor] | None = None,
+    full: bool | None = None,
 ) -> torch.Tensor | None:
     """Restrict a 4-D attention mask (bool: True = attend, or additive float) in original coordinates to the
     slots a layer holds: rows ``q_index`` (None: keep the rows), columns ``k_index``; invalid key slots are
     hidden except from themselves. ``mask=None`` (SDPA's implicit causal mask) is materialised only when
-    needed: ``causal_orig`` = (query, key) original positions to build it from.
+    needed: ``causal_orig`` = (query, key) original positions to build it from. ``full``: every key slot is known
+    valid (no device read).
     """
     if mask is None:
-        if bool(k_valid.all()):
+        if full or (full is None and bool(k_valid.all())):
             return None  # still a plain causal (or full, in decode) pattern over sorted slots
         q_pos, k_pos = causal_orig
         allowed = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]

@@ -22,7 +22,7 @@ import torch
 from mmeff.config import MethodConfig
 from mmeff.engine.attention import AttentionCall
 from mmeff.engine.method import Method, Point, register_method
-from mmeff.engine.ranking import keep_top
+from mmeff.engine.ranking import keep_top_of_state
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError
 
@@ -86,7 +86,7 @@ class FastV(Method):
             return None
         data: _Data = self.data(state)
         scores, data.scores = data.scores, None
-        return keep_top(scores, state.prunable_in_group(state.group), self.config.ratio)
+        return keep_top_of_state(state, scores, self.config.ratio)
 
 
 register_method(FastVConfig, FastV)

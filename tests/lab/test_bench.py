@@ -39,7 +39,7 @@ def test_bench_cli_on_cpu(tmp_path):
     assert all("one CUDA device" in e for e in errors.values())
     result = CliRunner().invoke(app, ["bench", "--model", "tiny-llava", "--device", "cpu", "--cuda-graphs", "on"])
     assert result.exit_code == 2 and "needs --device cuda" in result.output
-    assert (out / "bench.png").stat().st_size > 0 and "| fastv |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 0 and "| fastv" in (out / "bench.md").read_text()
 
 
 def test_bench_synthesises_inputs_for_every_family(tiny_model_dir):
@@ -56,3 +56,20 @@ def test_bench_synthesises_inputs_for_every_family(tiny_model_dir):
         assert [len(s) for s in spans] == [2, 2], family
         with torch.no_grad():
             assert torch.isfinite(model(**inputs).logits).all(), family
+
+
+def test_rows_slower_than_none_in_their_mode_are_flagged():
+    def row(preset, ms, graphs, mode=""):
+        return dict(preset=preset, prefill_ms=ms, cuda_graphs=graphs, prefill_graph=mode, visual_tokens_kept=1.0,
+                    visual_tokens_in=1.0, vision_ms=1.0, ideal_prefill_ms=1.0, speedup=0.0, ideal_speedup=1.0,
+                    decode_tokens_per_s=1.0, peak_memory_bytes=None, kv_cache_bytes=0, kv_visual_ratio=1.0)
+    rows = [row("none", 10.0, False), row("fastv", 12.0, False), row("none", 5.0, True, "replayed"),
+            row("fastv", 4.0, True, "replayed"), row("dyvte", 6.0, True, "eager: the capture failed (x)")]
+    for r in rows:  # the ratios bench() computes: against `none` of the same mode
+        base = next(b for b in rows if b["preset"] == "none" and b["cuda_graphs"] == r["cuda_graphs"])
+        r["speedup"] = base["prefill_ms"] / r["prefill_ms"]
+    md = speed.to_markdown(dict(model="M", random_weights=True, device="d", dtype="bf16", batch_size=1,
+                                sequence_length=9, new_tokens=1, repeats=1, rows=rows))
+    assert "| fastv **slower than none** |" in md and "| fastv [graphs] |" in md
+    assert "| dyvte [graphs] (prefill eager: the capture failed (x)) **slower than none** |" in md
+    assert "**Slower than `none` in the same mode (prefill)**: fastv, dyvte [graphs]" in md

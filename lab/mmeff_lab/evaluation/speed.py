@@ -153,6 +153,7 @@ class BenchRow:
     ideal_prefill_ms: float
     generate_ms: float = 0.0  # one whole generate call of new_tokens tokens (what a user waits for)
     cuda_graphs: bool = False
+    prefill_graph: str = ""  # how the timed prefills ran with cuda_graphs ("replayed", or "eager: why")
     speedup: float = 1.0
     ideal_speedup: float = 1.0
     kv_visual_ratio: float = 1.0
@@ -170,9 +171,9 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure each preset (``none`` always first) on the same synthesised inputs; see the module doc.
 
-    ``cuda_graphs``: decode modes to measure each preset in — eager hooked steps (False) and/or static steps
-    replayed from CUDA graphs (True, :mod:`mmeff.engine.static_decode`); ratios are against ``none`` in the first
-    mode measured (eager, when both are)."""
+    ``cuda_graphs``: modes to measure each preset in — eager hooks (False) and/or prefills and decode steps
+    replayed from CUDA graphs (True: :mod:`mmeff.engine.prefill_graph`, :mod:`mmeff.engine.static_decode`); ratios
+    are against ``none`` in the same mode (graphs against graphs). A row slower than that ``none`` is flagged."""
     presets = ["none", *[p for p in presets if p != "none"]]
     modes = sorted(set(cuda_graphs))
     device = next(model.parameters()).device
@@ -208,7 +209,9 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
             prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
             gen = lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
                                          do_sample=False)
-            for _ in range(warmup):
+            # with graphs a shape's first call runs eagerly and its second captures: time replays only
+            warm = max(warmup, 2) if graphs else warmup
+            for _ in range(warm):
                 prefill()
             pre_t, peaks = [], []
             for _ in range(repeats):
@@ -220,7 +223,8 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
             stats = handle.stats
             # ZipVL keeps every token but attends among / stores at high bits only the important ones
             extra = {k: v for k, v in stats.items() if k == "important_ratio"}
-            gen()  # warm the decode path (and capture its graphs)
+            for _ in range(2 if graphs else 1):
+                gen()  # warm the decode path (and capture its graphs)
             rates, gen_t = [], []
             for _ in range(max(1, repeats // 2)):
                 gen_t.append(timer(gen)[0])
@@ -240,6 +244,7 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
             kv_visual_bytes=batch_size * sum(per_layer) * kv_token_layer_bytes,
             visual_tokens_in=n_in, visual_tokens_kept=stats["visual_tokens_kept"], ideal_prefill_ms=ideal,
             generate_ms=_median(gen_t), cuda_graphs=graphs, extra=extra,
+            prefill_graph=str(stats.get("prefill_graph", "")),
         )
 
     rows: list[BenchRow] = []
@@ -255,11 +260,12 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
                 if preset == "none" and graphs == modes[0]:  # the baseline of every ratio
                     raise
                 errors[name] = f"{type(e).__name__}: {e}"
-    base = rows[0]
-    for r in rows:
+    for r in rows:  # ratios against `none` in the same mode (graphs against graphs), eager `none` if it is missing
+        base = next((b for b in rows if b.preset == "none" and b.cuda_graphs == r.cuda_graphs), rows[0])
         r.speedup = base.prefill_ms / r.prefill_ms
         r.ideal_speedup = base.prefill_ms / r.ideal_prefill_ms
         r.kv_visual_ratio = r.kv_visual_bytes / base.kv_visual_bytes if base.kv_visual_bytes else 1.0
+        r.extra["generate_speedup"] = base.generate_ms / r.generate_ms if r.generate_ms else 1.0
     return {
         "model": type(model).__name__,
         "random_weights": bool(getattr(model, "mmeff_random_weights", False)),
@@ -288,12 +294,21 @@ def to_markdown(result: dict[str, Any]) -> str:
         imp = r.get("extra", {}).get("important_ratio")
         name = r["preset"] + (f" ({100 * imp:.0f}% important)" if imp is not None else "")
         name += " [graphs]" if r.get("cuda_graphs") else ""
+        mode = r.get("prefill_graph", "")
+        if mode.startswith("eager"):
+            name += f" (prefill {mode})"
+        if r["preset"] != "none" and r["speedup"] < 1.0:
+            name += " **slower than none**"
         lines.append(
             f"| {name} | {r['visual_tokens_kept']:.0f}/{r['visual_tokens_in']:.0f} | {r['vision_ms']:.1f} "
             f"| {r['prefill_ms']:.1f} | {r['ideal_prefill_ms']:.1f} | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× "
             f"| {r['decode_tokens_per_s']:.1f} | {peak} | {r['kv_cache_bytes'] / 2**20:.1f} "
             f"| {100 * r['kv_visual_ratio']:.1f}% | {r.get('generate_ms', 0.0):.1f} |"
         )
+    slow = [r["preset"] + (" [graphs]" if r.get("cuda_graphs") else "") for r in result["rows"]
+            if r["preset"] != "none" and r["speedup"] < 1.0]
+    if slow:
+        lines.append(f"\n**Slower than `none` in the same mode (prefill)**: {', '.join(slow)}")
     lines += [f"\n**{p} failed**: {e}" for p, e in result.get("errors", {}).items()]
     return "\n".join(lines) + "\n"
 

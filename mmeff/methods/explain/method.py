@@ -30,7 +30,7 @@ from torch import nn
 from mmeff.config import MethodConfig
 from mmeff.engine.attention import AttentionCall
 from mmeff.engine.method import Method, Point, register_method
-from mmeff.engine.ranking import keep_top
+from mmeff.engine.ranking import keep_top_of_state
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError, MmeffError
 from mmeff.families.base import Adapter, ImageSpan
@@ -170,7 +170,7 @@ class Explain(Method):
             return None
         channels = self.first_layer_channels(state, hidden)
         scores = predict_relevance(self.mapper.to(hidden.device), channels, state.spans)
-        return keep_top(scores, state.prunable_in_group(state.group), self.config.ratio)
+        return keep_top_of_state(state, scores, self.config.ratio)
 
 
 register_method(ExplainConfig, Explain)

@@ -21,7 +21,7 @@ order, and sum the 2x2 patches of each merged token; a token's pixel region is i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -135,6 +135,7 @@ class _Data:
     scores: torch.Tensor | None = None  # [B, N] importance of each prunable visual token (-inf elsewhere)
     span_map: torch.Tensor | None = None  # [B, N] image number of each prunable visual token (-1 elsewhere)
     n_images: int = 0
+    units: list[torch.Tensor] = field(default_factory=list)  # importance per vision unit encoded before ``begin``
 
 
 class VFlowOpt(Method):
@@ -190,7 +191,8 @@ class VFlowOpt(Method):
 
     def image_scores(self, state: State) -> list[torch.Tensor]:
         """Importance of every image's tokens in span order (grid cells row-major, layout tokens excluded)."""
-        units, self._units = self._units, []
+        data: _Data = self.data(state)
+        units, data.units, self._units = data.units + self._units, [], []
         spans = sorted((sp for sample in state.spans for sp in sample), key=lambda sp: sp.image_index)
         out = self.adapter.image_tokens(units, spans, state.span_inputs)
         if out is None:
@@ -207,6 +209,11 @@ class VFlowOpt(Method):
                 )
         return out
 
+    def begin(self, state: State, inputs: dict[str, Any]) -> None:
+        # units of images encoded before this forward (generate) belong to this generation's data, so that a
+        # replayed prefill graph reads them from the state it copies (mmeff.engine.prefill_graph)
+        self.data(state).units, self._units = self._units, []
+
     # -- decoder ------------------------------------------------------------------------------------------
     def select(self, layer: int, state: State, hidden: torch.Tensor) -> Any:
         if layer == 0:
@@ -217,7 +224,7 @@ class VFlowOpt(Method):
 
     def _input_stage(self, state: State, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not any(state.spans):  # host data: no sync
-            self._units = []
+            self._units, self.data(state).units = [], []
             return None
         scores = self.image_scores(state)
         dev = hidden.device
