@@ -114,14 +114,20 @@ def _colsum_kernel(q_ptr, k_ptr, bid_ptr, lo_ptr, hi_ptr, lse_ptr, w_ptr, out_pt
 
 
 def _block_bounds(block_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, the [start, end) of its block; blocks must be contiguous runs of equal ids."""
-    _, counts = torch.unique_consecutive(block_id, return_counts=True)
-    if counts.numel() != torch.unique(block_id).numel():
+    """Per token, the [start, end) of its block; blocks must be contiguous runs of equal ids. Computed by running
+    max / min over the run boundaries: no count is read back (a captured prefill may not), and the contiguity
+    check, which must read one, is skipped while a CUDA graph is being captured."""
+    s = block_id.numel()
+    idx = torch.arange(s, device=block_id.device)
+    first = torch.ones(s, dtype=torch.bool, device=block_id.device)
+    first[1:] = block_id[1:] != block_id[:-1]
+    last = torch.ones_like(first)
+    last[:-1] = first[1:]
+    starts = torch.where(first, idx, 0).cummax(0).values
+    ends = torch.where(last, idx + 1, s).flip(0).cummin(0).values.flip(0)
+    if not torch.cuda.is_current_stream_capturing() and int(first.sum()) != torch.unique(block_id).numel():
         raise ValueError("vflowopt_score: block_id must label contiguous runs of tokens (one run per block)")
-    ends = counts.cumsum(0)
-    starts = ends - counts
-    return (starts.repeat_interleave(counts).to(torch.int32).contiguous(),
-            ends.repeat_interleave(counts).to(torch.int32).contiguous())
+    return starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous()
 
 
 def _launch_colsum(args: tuple, w: torch.Tensor, h: int, s: int, meta: dict) -> torch.Tensor:

@@ -21,13 +21,14 @@ order, and sum the 2x2 patches of each merged token; a token's pixel region is i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mmeff.config import MethodConfig
-from mmeff.engine.method import Method, Point, register_method
+from mmeff.engine.method import Kept, Method, Point, register_method
 from mmeff.engine.ranking import rank_in_group
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError, MmeffError
@@ -60,11 +61,15 @@ class VFlowOptConfig(MethodConfig):
 
 
 # -- importance map ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _channel_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """[3, 1] constants on ``device``, made once (a captured prefill may not copy host data to the device)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
 def _unnormalise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """[..., 3, P] normalised pixels -> [0, 1] (per channel)."""
-    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device)[:, None]
-    s = torch.tensor(std, dtype=torch.float32, device=pixels.device)[:, None]
-    return pixels.float() * s + m
+    return pixels.float() * _channel_values(std, pixels.device) + _channel_values(mean, pixels.device)
 
 
 def token_entropy(regions: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -77,8 +82,14 @@ def combine(attn: torch.Tensor, entropy: torch.Tensor, alpha_v: float) -> torch.
     return attn.float() + alpha_v * torch.softmax(entropy.float(), dim=-1)
 
 
+def low_counts(counts: list[int], r_v: float, m: float, recycle: bool = True) -> list[int]:
+    """Per image of N non-layout tokens, how many leave at the input stage (see :func:`recycle_plan`)."""
+    return [min(n, round(n * (1.0 - r_v)) + int(n / (m * m))) if recycle else round(n * (1.0 - r_v)) for n in counts]
+
+
 def recycle_plan(scores: torch.Tensor, unit: torch.Tensor, cell: torch.Tensor, counts: list[int], r_v: float,
-                 m: float, recycle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 m: float, recycle: bool = True, tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input-stage decision for the packed non-layout tokens of several images at once (no host sync).
 
     ``scores``/``unit``/``cell``: [T] — importance, image index (each image's tokens contiguous, images in
@@ -87,12 +98,12 @@ def recycle_plan(scores: torch.Tensor, unit: torch.Tensor, cell: torch.Tensor, c
     (ties: the earlier token) leave; those of one cell merge into its highest-scoring member (ties: the
     earlier), which stays. Returns (kept [T] bool, rep [T] long: the packed index of the token's cell
     representative for every recycled token, -1 otherwise). ``recycle=False`` (ablation) drops the
-    ``round(N (1 - r_v))`` lowest and recycles nothing.
+    ``round(N (1 - r_v))`` lowest and recycles nothing. ``tables``: (counts, low counts) already on the device.
     """
     dev, total = scores.device, scores.numel()
-    n_low = [min(n, round(n * (1.0 - r_v)) + int(n / (m * m))) if recycle else round(n * (1.0 - r_v))
-             for n in counts]
-    low = rank_in_group(scores, unit, torch.tensor(counts, device=dev)) < torch.tensor(n_low, device=dev)[unit]
+    if tables is None:
+        tables = (torch.tensor(counts, device=dev), torch.tensor(low_counts(counts, r_v, m, recycle), device=dev))
+    low = rank_in_group(scores, unit, tables[0]) < tables[1][unit]
     rep = torch.full_like(unit, -1)
     if not recycle:
         return ~low, rep
@@ -136,6 +147,26 @@ class _Data:
     span_map: torch.Tensor | None = None  # [B, N] image number of each prunable visual token (-1 elsewhere)
     n_images: int = 0
     units: list[torch.Tensor] = field(default_factory=list)  # importance per vision unit encoded before ``begin``
+    plan: _Plan | None = None  # the packed layout of the images' tokens (host data, made in ``begin``)
+    bound: list[int] = field(default_factory=list)  # per image: most prunable slots it can hold now (host)
+
+
+@dataclass
+class _Plan:
+    """What the input stage needs that depends on the spans only: made on the host before the forward, so the
+    forward itself reads nothing back (a captured prefill, mmeff.engine.prefill_graph, replays it)."""
+
+    b_of: torch.Tensor  # [T] sample of each packed non-layout visual token
+    pos: torch.Tensor  # [T] its original position
+    unit: torch.Tensor  # [T] its image (packed order)
+    cell: torch.Tensor  # [T] its recycling cell
+    tables: tuple[torch.Tensor, torch.Tensor]  # per image: token count, low count (recycle_plan)
+    span_map: torch.Tensor  # [B, N] packed image of each prunable position (-1 elsewhere)
+    span_of: list[int]  # per packed image: its image index (order of the tower's units)
+    counts: list[int]  # per packed image: non-layout tokens
+    cells: list[int]  # per packed image: recycling cells
+    sample: list[int]  # per packed image: its sample
+    other: list[int]  # per sample: prompt slots that are not prunable visual tokens
 
 
 class VFlowOpt(Method):
@@ -210,29 +241,20 @@ class VFlowOpt(Method):
         return out
 
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
+        data: _Data = self.data(state)
         # units of images encoded before this forward (generate) belong to this generation's data, so that a
         # replayed prefill graph reads them from the state it copies (mmeff.engine.prefill_graph)
-        self.data(state).units, self._units = self._units, []
+        data.units, self._units = self._units, []
+        if any(state.spans):
+            data.plan = self._plan(state)
 
-    # -- decoder ------------------------------------------------------------------------------------------
-    def select(self, layer: int, state: State, hidden: torch.Tensor) -> Any:
-        if layer == 0:
-            return self._input_stage(state, hidden)
-        if layer in self.layers:
-            return self._llm_stage(state, self.ratios[self.layers.index(layer)])
-        return None
-
-    def _input_stage(self, state: State, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not any(state.spans):  # host data: no sync
-            self._units, self.data(state).units = [], []
-            return None
-        scores = self.image_scores(state)
-        dev = hidden.device
-        # packed layout of every image's non-layout tokens (host side: spans are host data)
-        b_of, pos, unit, tile, row, col, span_of, counts = [], [], [], [], [], [], [], []
-        span_map = torch.full(state.visual.shape, -1, dtype=torch.long)  # original position -> span number
-        for b, sample in enumerate(state.spans):
-            for sp in sample:
+    def _plan(self, state: State) -> _Plan:
+        """The packed layout of every image's non-layout tokens, from the spans (host data)."""
+        dev = state.visual.device
+        b_of, pos, unit, tile, row, col, span_of, counts, sample = [], [], [], [], [], [], [], [], []
+        span_map = torch.full(state.visual.shape, -1, dtype=torch.long)  # original position -> packed image
+        for b, spans in enumerate(state.spans):
+            for sp in spans:
                 g = sp.grid()
                 cand = (~g["layout"]).nonzero().flatten()
                 counts.append(cand.numel())
@@ -243,22 +265,61 @@ class VFlowOpt(Method):
                 row.append(g["row"][cand])
                 col.append(g["col"][cand])
                 span_of.append(sp.image_index)
+                sample.append(b)
                 span_map[b, sp.start + cand] = len(counts) - 1
-        b_of, pos, unit = torch.cat(b_of).to(dev), torch.cat(pos).to(dev), torch.cat(unit)
-        cell = cell_ids(unit, torch.cat(tile), torch.cat(row), torch.cat(col), self.config.m).to(dev)
-        s = torch.cat([scores[i].to(dev) for i in span_of])
-        kept, rep = recycle_plan(s, unit.to(dev), cell, counts, self.r_v, self.config.m, self.config.recycle)
-        full = torch.full(state.visual.shape, float("-inf"), device=dev)
-        full[b_of, pos] = s.float()
-        keep = torch.ones(state.visual.shape, dtype=torch.bool, device=dev)
-        keep[b_of, pos] = kept
-        new_hidden = hidden.clone()
-        new_hidden[b_of, pos] = merge_cells(hidden[b_of, pos], s, rep)
-        data: _Data = self.data(state)
-        data.scores, data.span_map, data.n_images = full, span_map.to(dev), len(counts)
-        return keep, new_hidden
+        unit_t = torch.cat(unit)
+        cell = cell_ids(unit_t, torch.cat(tile), torch.cat(row), torch.cat(col), self.config.m)
+        image_of_cell = torch.zeros(int(cell.max()) + 1, dtype=torch.long).scatter_(0, cell, unit_t)
+        cells = torch.bincount(image_of_cell, minlength=len(counts)).tolist()
+        c = self.config
+        low = low_counts(counts, self.r_v, c.m, c.recycle)
+        n = state.visual.shape[1]
+        other = [n - sum(k for k, s_ in zip(counts, sample) if s_ == b) for b in range(len(state.spans))]
+        return _Plan(
+            torch.cat(b_of).to(dev), torch.cat(pos).to(dev), unit_t.to(dev), cell.to(dev),
+            (torch.tensor(counts, device=dev), torch.tensor(low, device=dev)), span_map.to(dev),
+            span_of, counts, cells, sample, other,
+        )
 
-    def _llm_stage(self, state: State, ratio: float) -> torch.Tensor | None:
+    def _longest(self, plan: _Plan, bound: list[int]) -> int:
+        per_sample = list(plan.other)
+        for k, b in zip(bound, plan.sample):
+            per_sample[b] += k
+        return max(per_sample)
+
+    # -- decoder ------------------------------------------------------------------------------------------
+    def select(self, layer: int, state: State, hidden: torch.Tensor) -> Any:
+        if layer == 0:
+            return self._input_stage(state, hidden)
+        if layer in self.layers:
+            return self._llm_stage(state, self.ratios[self.layers.index(layer)])
+        return None
+
+    def _input_stage(self, state: State, hidden: torch.Tensor) -> Kept | None:
+        data: _Data = self.data(state)
+        plan = data.plan
+        if plan is None:  # no image in the prompt (host data: no sync)
+            self._units, data.units = [], []
+            return None
+        scores = self.image_scores(state)
+        s = torch.cat([scores[i].to(hidden.device) for i in plan.span_of])
+        c = self.config
+        kept, rep = recycle_plan(s, plan.unit, plan.cell, plan.counts, self.r_v, c.m, c.recycle, plan.tables)
+        full = torch.full(state.visual.shape, float("-inf"), device=hidden.device)
+        full[plan.b_of, plan.pos] = s.float()
+        keep = torch.ones(state.visual.shape, dtype=torch.bool, device=hidden.device)
+        keep[plan.b_of, plan.pos] = kept
+        new_hidden = hidden.clone()
+        new_hidden[plan.b_of, plan.pos] = merge_cells(hidden[plan.b_of, plan.pos], s, rep)
+        data.scores, data.span_map, data.n_images = full, plan.span_map, len(plan.counts)
+        # kept per image: N - low + (cells with a low member) <= N - low + min(low, cells): a bound from the host,
+        # exact when every cell lost a member (fill slots cover the rest, see engine.state.select)
+        low = low_counts(plan.counts, self.r_v, c.m, c.recycle)
+        data.bound = [n - lo + (min(lo, k) if c.recycle else 0) for n, lo, k in zip(plan.counts, low, plan.cells)]
+        exact = not c.recycle and len(set(plan.other)) == 1
+        return Kept(keep, new_hidden, longest=self._longest(plan, data.bound), uniform=exact)
+
+    def _llm_stage(self, state: State, ratio: float) -> Kept | None:
         """Per image, drop the ``round(n (1 - ratio))`` lowest of its n prunable slots (ties: the earlier)."""
         data: _Data = self.data(state)
         if ratio >= 1.0 or data.span_map is None:  # nothing to drop: decided on the host, no sync
@@ -273,7 +334,9 @@ class VFlowOpt(Method):
         n_drop = torch.round(count.double() * (1.0 - ratio)).long()
         n_drop[n_spans] = 0
         keep = (rank_in_group(scores, span, count) >= n_drop[span]).view(g.index.shape)
-        return None if bool(keep.all()) else keep
+        # n - round(n (1 - ratio)) grows with n: the bound of what each image keeps follows from its bound before
+        data.bound = [k - round(k * (1.0 - ratio)) for k in data.bound]
+        return Kept(keep, longest=self._longest(data.plan, data.bound))
 
 
 register_method(VFlowOptConfig, VFlowOpt)
