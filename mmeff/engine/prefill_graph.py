@@ -198,6 +198,9 @@ class _Entry:
     output: Any = None  # the captured forward's output (its cache: ``cache``)
     cache: Cache | None = None
     cache_name: str | None = None
+    # tensors the forward stored as module attributes (Qwen2-VL's ``rope_deltas``, read by later decode steps):
+    # a replay refreshes their values but not the attributes, which an eager call in between may have moved
+    attributes: list[tuple[torch.nn.Module, str, torch.Tensor]] = dataclasses.field(default_factory=list)
 
 
 class PrefillGraphs:
@@ -305,6 +308,7 @@ class PrefillGraphs:
         entry.pre = fork(captured, _share)
         p.state = captured
         p.reset_call()
+        before = _tensor_attributes(p.model)
         if self.capture:
             graph = torch.cuda.CUDAGraph()
             with _transformers_checks_off(), torch.cuda.graph(graph):
@@ -314,6 +318,8 @@ class PrefillGraphs:
             out = original(**inputs)
         entry.post, entry.output = captured, out
         entry.cache = find_cache(out)
+        entry.attributes = [(mod, name, value) for (mod, name), value in _tensor_attributes(p.model).items()
+                            if before.get((mod, name)) is not value]
 
     def _replay(self, entry: _Entry, original: Callable[..., Any], bound: dict[str, Any], st: State) -> Any:
         p = self.pipeline
@@ -337,8 +343,11 @@ class PrefillGraphs:
             out = original(**inputs)
             copy_into(entry.post, p.state, "state")
             copy_into(entry.output, out, "output")
+            copy_into([v for _, _, v in entry.attributes], [getattr(m, n) for m, n, _ in entry.attributes], "attributes")
         p.state = fork(entry.post, _clone)
         p.reset_call()
+        for module, name, value in entry.attributes:
+            setattr(module, name, value.clone())
         memo: dict[int, Any] = {}
         user_cache = bound.get(entry.cache_name) if entry.cache_name else None
         if entry.cache is not None:
@@ -378,6 +387,12 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, dict) or _is_model_output(value):
         for v in value.values():
             yield from _tensors(v)
+
+
+def _tensor_attributes(model: torch.nn.Module) -> dict[tuple[torch.nn.Module, str], torch.Tensor]:
+    """Plain (non-parameter, non-buffer) tensor attributes of every module."""
+    return {(mod, name): value for mod in model.modules() for name, value in vars(mod).items()
+            if isinstance(value, torch.Tensor)}
 
 
 def _reason(e: Exception) -> str:
