@@ -119,8 +119,11 @@ class Method:
         """Raise :class:`~mmeff.errors.ConfigError` if the config cannot run on this model."""
 
     # -- hooks, in the order the pipeline calls them -------------------------------------------------------
-    def observe_vision(self, call: VisionCall) -> None:
-        """Point.ENCODER: the input of vision layer ``call.layer``'s attention (one of ``vision_layers``)."""
+    def observe_vision(self, call: VisionCall, state: State | None) -> None:
+        """Point.ENCODER: the input of vision layer ``call.layer``'s attention (one of ``vision_layers``).
+        ``state``: the prefill's state when the tower runs inside the prefill forward, None when it runs before
+        (``generate`` encodes images first; ``begin`` comes later). Keep what a prefill reads in the state where
+        there is one: a replayed prefill graph copies the state, not the method."""
 
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
         """Start of a prefill: spans are known, the decoder has not run yet."""

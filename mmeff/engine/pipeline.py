@@ -184,9 +184,10 @@ class Pipeline:
             if self._tower_call is None:
                 raise MmeffError("mmeff: a vision layer ran without its tower's pre-hook (unexpected call order)")
             call = self.adapter.vision_call(idx, module, args, kwargs, *self._tower_call)
+            st = self.state if self.state is not None and self.state.phase == "prefill" else None
             with torch.no_grad():
                 for m in methods:
-                    m.observe_vision(call)
+                    m.observe_vision(call, st)
 
         return hook
 

@@ -128,7 +128,7 @@ class FIA(Method):
         # the prefill's state exists: generate encodes images first)
         self._units: dict[int, list[torch.Tensor]] = {}
 
-    def observe_vision(self, call: VisionCall) -> None:
+    def observe_vision(self, call: VisionCall, state: State | None) -> None:
         if call.layer == self.vision_layers[0]:  # first observed layer of a new tower call
             self._units = {}
         q, k, scale = call.qk()

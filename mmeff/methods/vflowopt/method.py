@@ -210,7 +210,7 @@ class VFlowOpt(Method):
         return effective_r_v(self.config)
 
     # -- the importance map, inside the vision tower ----------------------------------------------------------
-    def observe_vision(self, call: VisionCall) -> None:
+    def observe_vision(self, call: VisionCall, state: State | None) -> None:
         c = self.config
         regions, counts = self.adapter.token_regions(call.pixels, call.grid)
         entropy = token_entropy(regions, c.pixel_mean, c.pixel_std).split(counts)
@@ -218,12 +218,13 @@ class VFlowOpt(Method):
         block, unit, n_units = call.segments()
         rel = context_relevance(q, k, scale, block, unit, c.t, n_units)
         attn = call.unit_tokens(rel, "sum")
-        self._units.extend(combine(a, e, c.alpha_v) for a, e in zip(attn, entropy, strict=True))
+        units = self._units if state is None else self.data(state).units
+        units.extend(combine(a, e, c.alpha_v) for a, e in zip(attn, entropy, strict=True))
 
     def image_scores(self, state: State) -> list[torch.Tensor]:
         """Importance of every image's tokens in span order (grid cells row-major, layout tokens excluded)."""
         data: _Data = self.data(state)
-        units, data.units, self._units = data.units + self._units, [], []
+        units, data.units = data.units, []
         spans = sorted((sp for sample in state.spans for sp in sample), key=lambda sp: sp.image_index)
         out = self.adapter.image_tokens(units, spans, state.span_inputs)
         if out is None:
@@ -299,7 +300,7 @@ class VFlowOpt(Method):
         data: _Data = self.data(state)
         plan = data.plan
         if plan is None:  # no image in the prompt (host data: no sync)
-            self._units, data.units = [], []
+            data.units = []
             return None
         scores = self.image_scores(state)
         s = torch.cat([scores[i].to(hidden.device) for i in plan.span_of])
