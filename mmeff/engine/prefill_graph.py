@@ -343,7 +343,8 @@ class PrefillGraphs:
             out = original(**inputs)
             copy_into(entry.post, p.state, "state")
             copy_into(entry.output, out, "output")
-            copy_into([v for _, _, v in entry.attributes], [getattr(m, n) for m, n, _ in entry.attributes], "attributes")
+            now = [getattr(module, name) for module, name, _ in entry.attributes]
+            copy_into([value for _, _, value in entry.attributes], now, "attributes")
         p.state = fork(entry.post, _clone)
         p.reset_call()
         for module, name, value in entry.attributes:
