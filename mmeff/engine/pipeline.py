@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from mmeff.engine import attention
 from mmeff.engine.cache import CACHE_KWARGS, SlotLayer, cache_kwarg, cache_nbytes, find_cache, install_slot_layers
 from mmeff.engine.method import EXCLUSIVE_POINTS, Kept, Method, Point
-from mmeff.engine.prefill_graph import PrefillGraphs
+from mmeff.engine.prefill_graph import FIRST_CALL, PrefillGraphs
 from mmeff.engine.side_stream import SideStream
 from mmeff.engine.state import Group, State, gather_seq, identity_group, restrict_mask, select
 from mmeff.engine.static_decode import RESERVE, StaticDecoder
@@ -72,7 +72,8 @@ class Pipeline:
         self._suspended = False
         self._measured: dict[str, Any] = {}
         self.static: StaticDecoder | None = None
-        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None  # of the whole forward (None where the family cannot)
+        self.decoder_graphs: PrefillGraphs | None = None  # of the decoder, where the whole forward runs eagerly
         self.validate()
         for m in methods:
             m.host = self
@@ -116,13 +117,15 @@ class Pipeline:
     def enable_prefill_graphs(self, capture: bool = True) -> None:
         """Replay whole prefills of a repeated shape from CUDA graphs (:mod:`mmeff.engine.prefill_graph`;
         ``capture=False``: the same bookkeeping with an eager "replay" — the CPU reference)."""
-        if self.prefill_graphs is None:
+        if self.decoder_graphs is None:
             not_graphable = [m.name for m in self.methods if not m.graphable]
             if not_graphable:
                 raise MmeffError(f"cuda_graphs: {not_graphable} run extra forwards or their own cache; not graphable")
-            graphs = PrefillGraphs(self, capture)
-            graphs.attach()
-            self.prefill_graphs = graphs
+            if self.adapter.graph_whole_forward:
+                self.prefill_graphs = PrefillGraphs(self, self.model, capture)
+                self.prefill_graphs.attach()
+            self.decoder_graphs = PrefillGraphs(self, self.adapter.language_model, capture, outer=self.prefill_graphs)
+            self.decoder_graphs.attach()
 
     def reset_call(self) -> None:
         """Forget what the hooks memoised for the current forward call (a prefill graph re-runs one)."""
@@ -216,9 +219,10 @@ class Pipeline:
             self._patched.append((base, name))
 
     def detach(self) -> None:
-        if self.prefill_graphs is not None:
-            self.prefill_graphs.detach()
-            self.prefill_graphs = None
+        for graphs in (self.decoder_graphs, self.prefill_graphs):  # the reverse of attach: patches are stacked
+            if graphs is not None:
+                graphs.detach()
+        self.prefill_graphs = self.decoder_graphs = None
         if self.static is not None:
             self.static.detach()
             self.static = None
@@ -316,10 +320,18 @@ class Pipeline:
         }
         if self.timing:
             self._measured.update(prefill_ms=self._clock() - self._t0, decode_ms=0.0)
-        if self.prefill_graphs is not None:
-            self._measured["prefill_graph"] = self.prefill_graphs.last
+        if self.decoder_graphs is not None:
+            self._measured["prefill_graph"] = self._graph_mode()
         for m in self.methods:
             self._measured.update(m.stats(st))
+
+    def _graph_mode(self) -> str:
+        """How the last prefill ran with cuda_graphs: the whole forward, else the decoder alone, from a graph."""
+        whole, decoder = self.prefill_graphs, self.decoder_graphs
+        if whole is not None and (not whole.last.startswith("eager") or whole.last.startswith(FIRST_CALL)):
+            return whole.last
+        mode = f"decoder {decoder.last}"
+        return mode if whole is None else f"{mode}; whole forward {whole.last}"
 
     def _clock(self) -> float:
         """Wall time in ms, after the device's queued work (timings of what the user waits for)."""

@@ -55,6 +55,7 @@ from mmeff.errors import MmeffError
 from mmeff.families.base import Adapter
 
 MAX_GRAPHS = 4
+FIRST_CALL = "eager: first call of this shape (the warm-up a capture needs)"
 _SMALL_INT = 64  # integer tensors up to this many elements are part of the signature by value
 
 
@@ -204,39 +205,49 @@ class _Entry:
 
 
 class PrefillGraphs:
-    """Owns the prefill graphs of one wrapped model (see the module doc)."""
+    """Owns the prefill graphs of one module of a wrapped model (see the module doc): the whole model, or its
+    decoder (``outer``: the whole model's graphs, which this level serves only where they run eagerly)."""
 
-    def __init__(self, pipeline: Owner, capture: bool = True, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(self, pipeline: Owner, module: torch.nn.Module, capture: bool = True, max_graphs: int = MAX_GRAPHS,
+                 outer: PrefillGraphs | None = None) -> None:
         self.pipeline = pipeline
         self.capture = capture
         self.max_graphs = max_graphs
+        self.outer = outer
         self.entries: OrderedDict[Any, _Entry] = OrderedDict()
         self.last = "eager"  # how the last prefill ran (handle.stats["prefill_graph"])
-        self._model: Any = None
+        self.busy = False  # capturing, or re-running the forward for a capture=False replay
+        self._module: Any = module
+        self._previous: Any = None
         self._signature: inspect.Signature | None = None
 
     def attach(self) -> None:
-        model = self._model = self.pipeline.model
-        original = model.forward
+        module = self._module
+        self._previous = vars(module).get("forward")  # another mmeff patch (static decode) stays underneath
+        original = module.forward
         self._signature = inspect.signature(original)
 
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
             return self._call(original, args, kwargs)
 
-        model.forward = forward  # an instance attribute shadowing the method: removed on detach
+        module.forward = forward  # an instance attribute shadowing the method: removed on detach
 
     def detach(self) -> None:
-        if self._model is not None and "forward" in vars(self._model):
-            del self._model.forward
-        self._model = None
+        if self._module is not None and "forward" in vars(self._module):
+            if self._previous is None:
+                del self._module.forward
+            else:
+                self._module.forward = self._previous
+        self._module = None
         self.entries.clear()
 
     # -- routing ----------------------------------------------------------------------------------------------
     def _call(self, original: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         p = self.pipeline
         st = p.state
-        if st is None or st.phase != "prefill" or p.is_suspended or torch.is_grad_enabled():
+        if (st is None or st.phase != "prefill" or p.is_suspended or torch.is_grad_enabled()
+                or (self.outer is not None and self.outer.busy)):
             return original(*args, **kwargs)
         bound = self._signature.bind(*args, **kwargs).arguments
         bound.update(bound.pop("kwargs", {}) or {})
@@ -255,7 +266,7 @@ class PrefillGraphs:
             self.last = f"eager: {entry.failed}"
             return original(**bound)
         if entry.seen == 1:
-            self.last = "eager: first call of this shape (the warm-up a capture needs)"
+            self.last = FIRST_CALL
             return original(**bound)
         if entry.pre is None:
             try:
@@ -309,13 +320,17 @@ class PrefillGraphs:
         p.state = captured
         p.reset_call()
         before = _tensor_attributes(p.model)
-        if self.capture:
-            graph = torch.cuda.CUDAGraph()
-            with _transformers_checks_off(), torch.cuda.graph(graph):
+        self.busy = True
+        try:
+            if self.capture:
+                graph = torch.cuda.CUDAGraph()
+                with _transformers_checks_off(), torch.cuda.graph(graph):
+                    out = original(**inputs)
+                entry.graph = graph
+            else:
                 out = original(**inputs)
-            entry.graph = graph
-        else:
-            out = original(**inputs)
+        finally:
+            self.busy = False
         entry.post, entry.output = captured, out
         entry.cache = find_cache(out)
         entry.attributes = [(mod, name, value) for (mod, name), value in _tensor_attributes(p.model).items()
@@ -340,7 +355,11 @@ class PrefillGraphs:
                 inputs[entry.cache_name] = copy.deepcopy(bound[entry.cache_name])
             p.state = fork(entry.pre, _share)
             p.reset_call()
-            out = original(**inputs)
+            self.busy = True
+            try:
+                out = original(**inputs)
+            finally:
+                self.busy = False
             copy_into(entry.post, p.state, "state")
             copy_into(entry.output, out, "output")
             now = [getattr(module, name) for module, name, _ in entry.attributes]
@@ -401,9 +420,10 @@ def _reason(e: Exception) -> str:
     tb = e.__traceback__
     where = ""
     while tb is not None:
-        f = tb.tb_frame.f_code.co_filename
-        if "mmeff" in f or "transformers" in f:
-            where = f" at {f.rsplit('site-packages/', 1)[-1]}:{tb.tb_lineno}"
+        f = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        for package in ("/mmeff/", "/transformers/"):
+            if package in f:
+                where = f" at {package[1:]}{f.rsplit(package, 1)[1]}:{tb.tb_lineno}"
         tb = tb.tb_next
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f"the capture failed ({type(e).__name__}: {first}{where})"

@@ -122,6 +122,9 @@ class Adapter:
     model_classes: ClassVar[tuple[str, ...]] = ()
     # extra forward kwargs the span computation needs (image sizes, grids), captured at prefill
     span_inputs: ClassVar[tuple[str, ...]] = ()
+    # the model's whole forward (vision tower included) reads nothing back from the device, so a prefill can be
+    # one CUDA graph (mmeff.engine.prefill_graph); False: only the decoder is (the tower / position ids sync)
+    graph_whole_forward: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -22,6 +22,7 @@ class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
     span_inputs = ("image_grid_thw", "video_grid_thw")
+    graph_whole_forward = False  # the tower splits by host lengths and M-RoPE positions are built on the host
     vision_prefix = 0  # no CLS token
     mrope = True
     windowed = False  # Qwen2.5-VL: the tower runs its merged tokens in window order
