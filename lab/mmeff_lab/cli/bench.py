@@ -21,8 +21,8 @@ def bench(
     images: int = typer.Option(1, help="images per prompt"),
     image_size: str = typer.Option("", help="HxW of the synthesised images (LLaVA-NeXT / Qwen: sets the tokens)"),
     new_tokens: int = typer.Option(32, help="tokens generated for the decode measurement"),
-    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),
-    device: str = typer.Option("cuda", help="cuda or cpu"),
+    dtype: str = typer.Option("auto", help="bf16, fp16, fp32, or auto (bf16 on CUDA, fp32 on the CPU, as eval)"),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda or cuda:N"),
     repeats: int = typer.Option(5, help="timed repeats (median)"),
     warmup: int = typer.Option(2, help="untimed warm-up runs"),
     cuda_graphs: str = typer.Option(
@@ -35,14 +35,21 @@ def bench(
     import torch
 
     from mmeff_lab.evaluation import speed
+    from mmeff_lab.models.loading import resolve_device
 
     console = Console()
     modes = {"off": (False,), "on": (True,), "both": (False, True)}
     if cuda_graphs not in modes:
         raise typer.BadParameter(f"--cuda-graphs must be one of {', '.join(modes)}, got {cuda_graphs!r}")
-    if cuda_graphs == "on" and device != "cuda":  # (with 'both', the graph rows are reported as errors)
+    device = resolve_device(device)
+    if cuda_graphs == "on" and not device.startswith("cuda"):  # (with 'both', the graph rows are reported as errors)
         raise typer.BadParameter("--cuda-graphs on needs --device cuda")
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"--dtype must be auto, {', '.join(dtypes)}; got {dtype!r}")
+    torch_dtype = dtypes[dtype]
     if model in speed.architectures():
         console.print(f"[bold]{model}[/]: full-size architecture with [red]random weights[/] (timing only)")
         net = speed.build_random(model, device, torch_dtype)

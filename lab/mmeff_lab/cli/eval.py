@@ -9,9 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
-
-from mmeff.errors import MmeffError
 
 
 def eval_command(
@@ -23,7 +20,7 @@ def eval_command(
     data: str = typer.Option("synthetic", "--data", help="'synthetic' or a folder (see docs/evaluation.md)."),
     limit: int | None = typer.Option(None, "--limit", help="First N samples per task."),
     batch_size: int = typer.Option(1, "--batch-size"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: float32 on "
                                      "cpu, bfloat16 on cuda)."),
     output: Path = typer.Option(Path("out"), "--output", help="Output folder."),
@@ -37,18 +34,14 @@ def eval_command(
 ) -> None:
     """Evaluate presets on POPE / CHAIR / MME (accuracy, hallucination and measured cost)."""
     from mmeff_lab.evaluation.runner import EvalConfig, run_eval
+    from mmeff_lab.models.loading import resolve_device
 
-    if device not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"--device must be cpu or cuda, got {device!r}")
+    device = resolve_device(device)
     cfg = EvalConfig(model=model, presets=preset, tasks=tasks, data=data, limit=limit, batch_size=batch_size,
                      device=device, dtype=dtype, output=output, log_samples=log_samples, resume=resume,
                      chair_max_new_tokens=chair_max_new_tokens, n_boot=n_boot, progress=progress,
                      cuda_graphs=cuda_graphs)
-    try:
-        results = run_eval(cfg)
-    except MmeffError as e:
-        Console(stderr=True).print(f"error: {e}", style="red", highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(2) from None
+    results = run_eval(cfg)
     if results is not None:
         from mmeff_lab.evaluation.results import RESULTS_MD
 

@@ -113,20 +113,16 @@ def score_command(
     """Score answers with the official POPE / CHAIR / MME metrics."""
     from mmeff_lab.evaluation.results import atomic_write_text
 
-    try:
-        if benchmark == "pope":
-            scores = score_pope(predictions, questions, data)
-        elif benchmark == "chair":
-            scores = score_chair(predictions, annotations, data)
-        elif benchmark == "mme":
-            scores = score_mme(predictions)
-        else:
-            raise MmeffError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
-        if output is not None:
-            atomic_write_text(output / f"{benchmark}_scores.json", json.dumps(scores, indent=1) + "\n")
-    except MmeffError as e:
-        Console(stderr=True).print(f"error: {e}", style="red", highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(2) from None
+    if benchmark == "pope":
+        scores = score_pope(predictions, questions, data)
+    elif benchmark == "chair":
+        scores = score_chair(predictions, annotations, data)
+    elif benchmark == "mme":
+        scores = score_mme(predictions)
+    else:
+        raise MmeffError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
+    if output is not None:
+        atomic_write_text(output / f"{benchmark}_scores.json", json.dumps(scores, indent=1) + "\n")
     _show(benchmark, scores)
 
 

@@ -37,17 +37,18 @@ def dyvte(model: str = MODEL, data: str = DATA, steps: int = typer.Option(200, "
           min_layer: int = typer.Option(1, "--min-layer"), seed: int = typer.Option(0, "--seed"),
           abs_tol: float = typer.Option(0.0, "--abs-tol", help="label slack in nats added to 1.03 x the full "
                                         "answer loss (0: the paper's rule)"),
-          device: str = typer.Option("cpu", "--device"), dtype: str | None = typer.Option(None, "--dtype")) -> None:
+          device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+          dtype: str | None = typer.Option(None, "--dtype")) -> None:
     """Train DyVTE routers; writes DIR/dyvte.safetensors and the preset DIR/dyvte.toml."""
     from mmeff.heads import save_head
     from mmeff.methods.dyvte import DyVTEConfig
     from mmeff.methods.dyvte.train import head_tensors, train_dyvte
     from mmeff.presets import write_preset
-    from mmeff_lab.models.loading import load_model
+    from mmeff_lab.models.loading import load_model, resolve_device
     from mmeff_lab.training.data import examples_from
 
     console = Console()
-    vlm, processor, family = load_model(model, device=device, dtype=dtype)
+    vlm, processor, family = load_model(model, device=resolve_device(device), dtype=dtype)
     output.mkdir(parents=True, exist_ok=True)
     with _bar(console) as progress:
         task = progress.add_task("dyvte routers", total=steps, info="")
@@ -69,7 +70,8 @@ def explain(model: str = MODEL, data: str = DATA, steps: int = typer.Option(500,
             samples: int = typer.Option(256, "--samples", help="examples whose relevance maps are collected"),
             batch_size: int = typer.Option(4, "--batch-size"), lr: float = typer.Option(3e-3, "--lr"),
             width: int = typer.Option(16, "--width"), depth: int = typer.Option(3, "--depth"),
-            seed: int = typer.Option(0, "--seed"), device: str = typer.Option("cpu", "--device"),
+            seed: int = typer.Option(0, "--seed"),
+            device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
             dtype: str | None = typer.Option(None, "--dtype")) -> None:
     """Train the relevance mapper; writes DIR/explain.safetensors and presets DIR/explain-{50,75,90}.toml."""
     from mmeff.families import adapter_for
@@ -77,11 +79,11 @@ def explain(model: str = MODEL, data: str = DATA, steps: int = typer.Option(500,
     from mmeff.methods.explain import ExplainConfig
     from mmeff.methods.explain.train import head_tensors, train_explain
     from mmeff.presets import write_preset
-    from mmeff_lab.models.loading import load_model
+    from mmeff_lab.models.loading import load_model, resolve_device
     from mmeff_lab.training.data import examples_from
 
     console = Console()
-    vlm, processor, family = load_model(model, device=device, dtype=dtype)
+    vlm, processor, family = load_model(model, device=resolve_device(device), dtype=dtype)
     output.mkdir(parents=True, exist_ok=True)
     with _bar(console) as progress:
         collect = progress.add_task("relevance maps", total=samples, info="")

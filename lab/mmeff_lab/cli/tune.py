@@ -11,7 +11,8 @@ tune_app = typer.Typer(no_args_is_help=True, help="Tune a method's hyper-paramet
 
 @tune_app.command("vflowopt")
 def vflowopt(
-    model: str = typer.Option(..., help="model directory (a transformers checkpoint)"),
+    model: str = typer.Option(..., help="a checkpoint folder, reference-llava / reference-qwen2vl, tiny-<family> or a "
+                              "hub id (what eval accepts)"),
     budget: float = typer.Option(..., help="fraction of visual tokens removed, averaged over the decoder layers"),
     output: Path = typer.Option(..., help="preset file to write (TOML)"),
     trials: int = typer.Option(300, help="Bayesian-optimisation trials (the paper: 300)"),
@@ -20,21 +21,20 @@ def vflowopt(
     seed: int = typer.Option(42, help="sampler seed"),
     batch_size: int = typer.Option(8, help="samples per forward pass (left-padded batches)"),
     timeout: float | None = typer.Option(None, help="stop starting trials after this many seconds"),
-    device: str = typer.Option("cuda" if __import__("torch").cuda.is_available() else "cpu", help="torch device"),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda or cuda:N"),
 ) -> None:
     """Maximise the summed cosine of the first generation step's last hidden state (full vs pruned)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from mmeff.families.prompt import make_inputs
     from mmeff.methods.vflowopt.tune import tune_vflowopt
     from mmeff.presets import write_preset
+    from mmeff_lab.models.loading import load_model, resolve_device
     from mmeff_lab.training.data import load_tuning_jsonl, reference_samples
 
-    processor = AutoProcessor.from_pretrained(model)
-    net = AutoModelForImageTextToText.from_pretrained(model, attn_implementation="sdpa").to(device).eval()
-    items = load_tuning_jsonl(data, samples) if data is not None else reference_samples(samples)
     if batch_size < 1:
         raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+    device = resolve_device(device)
+    items = load_tuning_jsonl(data, samples) if data is not None else reference_samples(samples)
+    net, processor, _ = load_model(model, device=device, dtype="float32")
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     batches = [make_inputs(processor, [s.text for s in c], [[s.image] for s in c]).to(device) for c in chunks]
     cfg, score = tune_vflowopt(net, batches, budget=budget, trials=trials, seed=seed, timeout=timeout,

@@ -317,7 +317,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     cfg.presets = parse_presets(cfg.presets)
     if cfg.batch_size < 1:
         raise MmeffError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.cuda_graphs and cfg.device != "cuda":
+    if cfg.cuda_graphs and not cfg.device.startswith("cuda"):
         raise MmeffError(f"--cuda-graphs needs --device cuda, got --device {cfg.device}")
     cfg.output = Path(cfg.output)
     dist = Dist(cfg.device)

@@ -52,6 +52,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` (CUDA where torch sees a device, else the CPU), ``cpu``, or ``cuda[:N]`` checked to exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise MmeffError(f"--device {device}: no usable CUDA device here; use --device cpu (or auto)")
+        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+            raise MmeffError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise MmeffError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 def resolve_spec(spec: str) -> str | Path:
     """The local directory a spec names, or the spec itself when it is a hub id."""
     if spec in REFERENCE_MODELS:
@@ -141,4 +156,4 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str | t
 
 
 __all__ = ["DEFAULT_MODEL", "DTYPES", "ModelLoadError", "ensure_tiny", "load_model", "models_cache_dir",
-           "resolve_dtype", "resolve_spec"]
+           "resolve_device", "resolve_dtype", "resolve_spec"]
