@@ -217,3 +217,74 @@ def test_qwen_processor_without_video_config_even_with_torchvision(monkeypatch):
     monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
     processor = _load_processor(resolve_spec("reference-qwen2vl"), "qwen2_vl")
     assert isinstance(processor, Qwen2VLProcessorNoVideo) and processor.tokenizer is not None
+
+
+def test_refused_runs_claim_no_folder(llava, bench, tmp_path):
+    """Everything that can be validated is, before the output folder exists: a preset this model refuses (not
+    after the baseline ran), a checkpoint without a chat template or with pickle weights only."""
+    out = tmp_path / "a"
+    result = invoke([*eval_args(llava, bench, out)[:4], "var", *eval_args(llava, bench, out)[5:]])
+    assert result.exit_code == 2 and "preset 'var' cannot run on this llava model" in result.output
+    assert not out.exists()
+    no_template = tmp_path / "no_template"
+    shutil.copytree(llava, no_template)
+    for name in ("chat_template.json", "chat_template.jinja"):
+        (no_template / name).unlink(missing_ok=True)
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        path = no_template / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            cfg.pop("chat_template", None)
+            path.write_text(json.dumps(cfg))
+    result = invoke(eval_args(no_template, bench, tmp_path / "b"))
+    assert result.exit_code == 2 and "no chat template" in result.output and not (tmp_path / "b").exists()
+    pickled = tmp_path / "pickled"
+    shutil.copytree(llava, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.rename(f.with_name("pytorch_model.bin"))
+    result = invoke(eval_args(pickled, bench, tmp_path / "c"))
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith("error: cannot load model")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_finished_folder_is_reported_not_recomputed(llava, bench, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    result = invoke(eval_args(llava, bench, out, "--log-samples"))
+    assert result.exit_code == 2 and "holds a finished evaluation; --resume reports it, --overwrite" in result.output
+    import mmeff_lab.evaluation.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "run_task", lambda *a, **k: pytest.fail("a finished run was recomputed"))
+    result = invoke(eval_args(llava, bench, out, "--log-samples", "--resume"))
+    assert result.exit_code == 0 and "nothing to do" in result.output and "pope_random" in result.output
+    monkeypatch.undo()
+    before = (out / "results.json").stat().st_mtime_ns
+    result = invoke(eval_args(llava, bench, out, "--log-samples", "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert (out / "results.json").stat().st_mtime_ns != before
+    got = strip_timing(json.loads((out / "results.json").read_text()))
+    assert got == strip_timing(json.loads((reference / "results.json").read_text()))
+
+
+def test_ctrl_c_says_where_and_how_to_resume(llava, bench, tmp_path, monkeypatch):
+    import mmeff_lab.evaluation.runner as runner_module
+
+    real = runner_module.run_task
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the first task's samples are written
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_task", interrupted)
+    monkeypatch.setattr(sys, "argv", ["mmeff", *eval_args(llava, bench, tmp_path / "run")])
+    result = invoke(eval_args(llava, bench, tmp_path / "run"))
+    assert result.exit_code == 130
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("interrupted at none / chair, 0 of 2 samples done; continue with: mmeff eval ")
+    assert last.endswith(" --resume")
+    monkeypatch.undo()
+    result = invoke(eval_args(llava, bench, tmp_path / "run", "--resume"))
+    assert result.exit_code == 0, result.output

@@ -135,3 +135,12 @@ def test_missing_and_truncated_images(tmp_path: Path) -> None:
     (tmp_path / images[1]).write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="corrupt or truncated image"):
         resolve_images(qs, tmp_path)
+
+
+def test_every_missing_image_is_counted_in_one_error(tmp_path: Path) -> None:
+    qs = load_split("pope_adversarial")[:30]
+    images = sorted({q.image for q in qs}, key=lambda name: next(i for i, q in enumerate(qs) if q.image == name))
+    assert len(images) >= 3
+    with pytest.raises(DataError, match=rf"{len(images)} images missing or unreadable under .* \(first: "
+                                        rf"{images[0]}, {images[1]}, {images[2]}"):
+        resolve_images(qs, tmp_path)

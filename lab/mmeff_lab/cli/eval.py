@@ -6,6 +6,8 @@ Data-parallel: ``accelerate launch [--cpu] --num_processes N -m mmeff_lab.cli ev
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -25,7 +27,9 @@ def eval_command(
                                      "cpu, bfloat16 on cuda)."),
     output: Path = typer.Option(Path("out"), "--output", help="Output folder."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep per-sample logs (DIR/samples/)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output (a finished one "
+                                "is reported, not recomputed)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation in --output."),
     chair_max_new_tokens: int = typer.Option(512, "--chair-max-new-tokens"),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -39,9 +43,22 @@ def eval_command(
     device = resolve_device(device)
     cfg = EvalConfig(model=model, presets=preset, tasks=tasks, data=data, limit=limit, batch_size=batch_size,
                      device=device, dtype=dtype, output=output, log_samples=log_samples, resume=resume,
+                     overwrite=overwrite,
                      chair_max_new_tokens=chair_max_new_tokens, n_boot=n_boot, progress=progress,
                      cuda_graphs=cuda_graphs)
-    results = run_eval(cfg)
+    try:
+        results = run_eval(cfg)
+    except KeyboardInterrupt:
+        from mmeff_lab.evaluation.runner import progress_report
+
+        args = [a for a in sys.argv[1:] if a != "--overwrite"]
+        command = "mmeff " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
+        where = progress_report(cfg)
+        hint = "" if where.startswith("before") else f"; continue with: {command}"
+        typer.echo(f"interrupted {where}{hint}", err=True)
+        raise typer.Exit(130) from None
+    if results is not None and resume and results.get("_finished_before"):
+        typer.echo(f"nothing to do: {output} holds a finished evaluation with these settings", err=True)
     if results is not None:
         from mmeff_lab.evaluation.results import RESULTS_MD
 

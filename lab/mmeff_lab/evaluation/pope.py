@@ -63,8 +63,9 @@ def resolve_images(questions: Sequence[Question], image_dir: str | Path,
                    skip_missing: bool = False) -> tuple[list[Question], list[Path], int]:
     """Pair each question with its image under ``image_dir`` (e.g. COCO val2014).
 
-    A missing or corrupt image is an error naming the question file and line; with ``skip_missing``
-    its questions are dropped and counted instead. Returns (questions kept, image paths, n skipped).
+    Missing or corrupt images are one error naming how many, the first few and the first question's file and
+    line; with ``skip_missing`` their questions are dropped and counted instead. Returns (questions kept, image
+    paths, n skipped).
     """
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
@@ -73,21 +74,28 @@ def resolve_images(questions: Sequence[Question], image_dir: str | Path,
     kept: list[Question] = []
     paths: list[Path] = []
     skipped = 0
+    bad: list[DataError] = []
     for q in questions:
         path = image_dir / q.image
         if q.image not in status:
             try:
                 check_image(path, q.source or image_dir, q.line or None)
                 status[q.image] = True
-            except DataError:
-                if not skip_missing:
-                    raise
+            except DataError as e:
+                bad.append(e)
                 status[q.image] = False
         if status[q.image]:
             kept.append(q)
             paths.append(path)
         else:
             skipped += 1
+    if bad and not skip_missing:
+        if len(bad) == 1:
+            raise bad[0]
+        names = ", ".join(Path(e.problem.rsplit(": ", 1)[-1]).name if "not found" in e.problem else e.path
+                          for e in bad[:5])
+        raise DataError(bad[0].path, f"{len(bad)} images missing or unreadable under {image_dir} (first: {names}; "
+                        f"the first: {bad[0].problem})", bad[0].line)
     return kept, paths, skipped
 
 

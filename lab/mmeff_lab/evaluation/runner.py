@@ -55,16 +55,31 @@ class EvalConfig:
     output: Path = Path("out")
     log_samples: bool = False
     resume: bool = False
+    overwrite: bool = False  # replace an earlier evaluation in ``output`` (after every input is validated)
     chair_max_new_tokens: int = 512
     n_boot: int = 1000
     progress: bool = True
     cuda_graphs: bool = False  # decode from CUDA graphs where a preset allows it (a speed setting only)
+    counts: dict[str, int] = field(default_factory=dict)  # samples per task, once loaded (progress reports)
 
     def settings(self) -> dict[str, Any]:
         """What must match for a resume to continue the same run."""
         return {"model": self.model, "presets": self.presets, "tasks": self.tasks, "data": str(self.data),
                 "limit": self.limit, "batch_size": self.batch_size, "dtype": self.dtype,
                 "chair_max_new_tokens": self.chair_max_new_tokens}
+
+
+def progress_report(cfg: EvalConfig) -> str:
+    """Where a run stands, from its sample logs: the first preset / task with samples left."""
+    if not (cfg.output / RUN_FILE).is_file():
+        return "before the first result: nothing was written"
+    for preset in cfg.presets:
+        for task in cfg.tasks:
+            done = len(read_log(log_path(cfg.output, preset, task)))
+            total = cfg.counts.get(task)
+            if total is None or done < total:
+                return f"at {preset} / {task}, {done}{f' of {total}' if total is not None else ''} samples done"
+    return "after every sample (scoring)"
 
 
 def parse_presets(spec: str | Sequence[str]) -> list[str]:
@@ -154,10 +169,22 @@ def _append(path: Path, records: list[dict[str, Any]]) -> None:
         os.close(fd)
 
 
-def _check_output(cfg: EvalConfig) -> None:
+def _check_output(cfg: EvalConfig) -> str:
+    """What to do with ``--output`` (nothing is written here): "new" (claimed at the first result), "resume"
+    (an interrupted run with the same settings), "finished" (``--resume`` of a finished run: nothing to do) or
+    "overwrite" (``--overwrite`` of an earlier evaluation: removed once every input is validated)."""
     out = cfg.output
     run_file = out / RUN_FILE
     settings = cfg.settings()
+    held = run_file.exists() or (out / "samples").exists() or (out / res.RESULTS_JSON).exists()
+    if cfg.resume and cfg.overwrite:
+        raise MmeffError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise MmeffError(f"--output {out} is a file, not a folder")
+    if cfg.overwrite:
+        if not held and out.is_dir() and any(out.iterdir()):
+            raise MmeffError(f"--overwrite: {out} holds files but no mmeff evaluation; choose another --output folder")
+        return "overwrite" if held else "new"
     if cfg.resume:
         if not run_file.is_file():
             raise ResumeError(f"{out}: nothing to resume ({RUN_FILE} missing); run without --resume first")
@@ -166,12 +193,33 @@ def _check_output(cfg: EvalConfig) -> None:
         if diff:
             raise ResumeError(f"{run_file}: --resume with other settings than the interrupted run: "
                               + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-        return
-    if run_file.exists() or (out / "samples").exists() or (out / res.RESULTS_JSON).exists():
-        raise ResumeError(f"{out} already holds an evaluation; pass --resume to continue it or choose another "
-                          "--output folder")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_file, json.dumps(settings, indent=1) + "\n")
+        return "finished" if old.get("finished") and (out / res.RESULTS_JSON).is_file() else "resume"
+    if held:
+        finished = run_file.is_file() and json.loads(run_file.read_text()).get("finished")
+        what = "a finished evaluation" if finished else "an interrupted evaluation"
+        raise ResumeError(f"{out} already holds {what}; --resume "
+                          + ("reports it" if finished else "continues it")
+                          + ", --overwrite starts again, or choose another --output folder")
+    return "new"
+
+
+class _Claim:
+    """Claims ``--output`` at the first result: the folder and its run.json appear together (the run file is
+    written atomically), so a run that fails before producing anything leaves no folder behind."""
+
+    def __init__(self, cfg: EvalConfig, done: bool) -> None:
+        self.cfg, self.done = cfg, done
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.cfg.output.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.cfg.output / RUN_FILE, json.dumps(self.cfg.settings(), indent=1) + "\n")
+            self.done = True
+
+    def finish(self) -> None:
+        self()
+        atomic_write_text(self.cfg.output / RUN_FILE,
+                          json.dumps({**self.cfg.settings(), "finished": True}, indent=1) + "\n")
 
 
 # -- generation --------------------------------------------------------------------------------------------------
@@ -268,7 +316,7 @@ def _progress(enabled: bool) -> Any:
 
 
 def run_task(model: Any, processor: Any, handle: Any, samples: list[Sample], log: Path, batch_size: int,
-             dist: Dist, progress: Any, description: str) -> None:
+             dist: Dist, progress: Any, description: str, claim: Any = None) -> None:
     """Run the batches of ``samples`` that the log lacks; only the main process writes the log."""
     done = read_log(log)
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
@@ -282,6 +330,8 @@ def run_task(model: Any, processor: Any, handle: Any, samples: list[Sample], log
         if dist.main:
             flat = [rec for part in gathered for rec in part]
             if flat:
+                if claim is not None:
+                    claim()
                 _append(log, sorted(flat, key=lambda x: x["batch"]))
             progress.update(bar, advance=len(flat))
         dist.barrier()
@@ -321,35 +371,76 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
         raise MmeffError(f"--cuda-graphs needs --device cuda, got --device {cfg.device}")
     cfg.output = Path(cfg.output)
     dist = Dist(cfg.device)
+    mode = "new"
     if dist.main:
         data = resolve_data(cfg.data)  # generates the synthetic set once, before the others read it
         samples = {t: load_samples(t, data, cfg.limit, cfg.chair_max_new_tokens) for t in cfg.tasks}
+        cfg.counts = {t: len(s) for t, s in samples.items()}
         resolve_spec(cfg.model)  # bad inputs fail before the output folder is claimed
-        _check_output(cfg)
+        mode = _check_output(cfg)
+        if mode == "finished":
+            return {**json.loads((cfg.output / res.RESULTS_JSON).read_text()), "_finished_before": True}
     dist.barrier()
     if not dist.main:
         data = resolve_data(cfg.data)
         samples = {t: load_samples(t, data, cfg.limit, cfg.chair_max_new_tokens) for t in cfg.tasks}
+    model, processor, family = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
+    _validate(model, processor, family, cfg, samples)  # every preset on this model, the prompt, the images
     if dist.main:
+        if mode == "overwrite":
+            shutil.rmtree(cfg.output)
         for preset in cfg.presets:
             for task in cfg.tasks:
                 read_log(log_path(cfg.output, preset, task), repair=True)
     dist.barrier()
-    model, processor, family = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
+    claim = _Claim(cfg, done=mode == "resume")
     with _progress(cfg.progress and dist.main) as progress:
         for preset in cfg.presets:
             with mmeff.wrap(model, preset, cuda_graphs=cfg.cuda_graphs and graphable(preset, family),
                             timing=True) as handle:
                 for task, task_samples in samples.items():
                     run_task(model, processor, handle, task_samples, log_path(cfg.output, preset, task),
-                             cfg.batch_size, dist, progress, f"{preset} / {task}")
+                             cfg.batch_size, dist, progress, f"{preset} / {task}", claim)
     if not dist.main:
         return None
     results = collect(cfg, samples, data, family)
+    claim()
     res.write_all(cfg.output, results, samples if cfg.log_samples else None)
     if not cfg.log_samples:
         shutil.rmtree(cfg.output / "samples", ignore_errors=True)
+    claim.finish()
     return results
+
+
+def _validate(model: Any, processor: Any, family: str, cfg: EvalConfig, samples: dict[str, list[Sample]]) -> None:
+    """Refuse now what would fail mid-run: a preset this model cannot run (wrapped and removed again, which checks
+    families, configs and trained-head files), a processor that cannot build the prompt, a missing image."""
+    import mmeff
+    from mmeff.families.prompt import make_inputs
+
+    for preset in cfg.presets:
+        try:
+            mmeff.wrap(model, preset, cuda_graphs=cfg.cuda_graphs and graphable(preset, family))
+            mmeff.unwrap(model)
+        except MmeffError as e:
+            raise MmeffError(f"preset {preset!r} cannot run on this {family} model: {e}") from None
+    if getattr(processor, "chat_template", None) is None and getattr(
+            getattr(processor, "tokenizer", None), "chat_template", None) is None:
+        raise MmeffError(f"{cfg.model}: the processor has no chat template (chat_template.json or "
+                         "tokenizer_config.json), which the prompts are built with")
+    missing = sorted({str(s.image) for task_samples in samples.values() for s in task_samples
+                      if not Path(s.image).is_file()})
+    if missing:
+        raise MmeffError(f"{len(missing)} sample image(s) missing (first: {', '.join(missing[:5])})")
+    first = next((task_samples[0] for task_samples in samples.values() if task_samples), None)
+    if first is not None:
+        from PIL import Image
+
+        try:
+            with Image.open(first.image) as im:
+                make_inputs(processor, [first.prompt], [[im.convert("RGB")]])
+        except Exception as e:  # any processor failure here is a property of the checkpoint
+            raise MmeffError(f"{cfg.model}: the processor cannot build a prompt ({type(e).__name__}: {e})") from None
 
 
 def graphable(preset: str, family: str) -> bool:
