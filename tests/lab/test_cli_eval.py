@@ -91,6 +91,8 @@ def test_results_files_and_schema(reference):
             assert d["lo"] <= d["delta"] <= d["hi"], (task, m, d)
     md = (reference / "results.md").read_text()
     assert "| none |" in md and "| fastv |" in md and "95% paired-bootstrap" in md
+    assert "*visual tokens kept*: visual tokens each decoder layer attends to" in md and "on the CPU" in md
+    assert none["tasks"]["pope_random"]["non_yes_no"] >= 0 and none["tasks"]["mme"]["unparsed"] >= 0
     assert (reference / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (reference / "samples" / "fastv" / "pope_random.jsonl").read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == ["1", "2", "3"]

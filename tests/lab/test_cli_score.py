@@ -98,3 +98,17 @@ def test_mme_results(bench, tmp_path):
 def test_unknown_benchmark(tmp_path):
     result = runner.invoke(app, ["score", "vqa", "--predictions", str(tmp_path / "x")])
     assert result.exit_code == 2 and "pope, chair, mme" in result.output
+
+
+def test_pope_non_answers_are_counted(bench, tmp_path):
+    questions = [json.loads(x) for x in (bench / "pope" / "coco_pope_random.json").read_text().splitlines()]
+    texts = ["maybe", "42", "", "Yes.", "No, there is not.", "I cannot tell"] * 2
+    pred = tmp_path / "answers.jsonl"
+    pred.write_text("".join(json.dumps({"question_id": q["question_id"], "text": t}) + "\n"
+                            for q, t in zip(questions, texts)))
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--data", str(bench),
+                                 "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "pope_scores.json").read_text())
+    assert m["non_yes_no"] == 8 and m["yes_ratio"] == pytest.approx(10 / 12)  # the official rule still holds
+    assert "8 of 12 answers say neither yes nor no" in result.output

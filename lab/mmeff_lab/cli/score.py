@@ -91,15 +91,19 @@ def score_mme(predictions: Path) -> dict[str, Any]:
 def _show(benchmark: str, scores: dict[str, Any]) -> None:
     table = Table("metric", "value", title=f"{benchmark} scores")
     if benchmark == "pope":
-        rows = {k: scores[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")}
+        rows = {k: scores[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "n", "non_yes_no")}
     elif benchmark == "chair":
         rows = scores["overall_metrics"]
     else:
         rows = {"perception": scores["perception"], "cognition": scores["cognition"],
-                **{s: m["score"] for s, m in scores["subtasks"].items()}}
+                **{s: m["score"] for s, m in scores["subtasks"].items()},
+                "unparsed answers": sum(m["n_other"] for m in scores["subtasks"].values())}
     for k, v in rows.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     Console().print(table)
+    if benchmark == "pope" and scores["non_yes_no"]:
+        Console(stderr=True).print(f"note: {scores['non_yes_no']} of {scores['n']} answers say neither yes nor no; "
+                                   "the official rule scores them as yes", highlight=False)
 
 
 def score_command(

@@ -107,6 +107,15 @@ def parse_answer(text: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
+def is_yes_or_no(text: str) -> bool:
+    """Whether an answer says yes or no at all (in the part :func:`parse_answer` reads). The official rule scores
+    any other answer ("maybe", "42", "") as yes; we keep the rule and count them (``non_yes_no``)."""
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    words = {w.strip("!?\"'()[]:;").lower() for w in text.replace(",", "").split()}
+    return bool(words & {"yes", "no", "not"})
+
+
 def load_answers(path: str | Path, questions: Sequence[Question]) -> list[str]:
     """Raw answer texts from JSON lines ``{question_id, text}``, in the order of ``questions``.
 
@@ -133,6 +142,7 @@ def pope_metrics(preds: Iterable[str], labels: Iterable[str]) -> dict[str, float
     ``preds`` are raw answers or parsed "yes"/"no" (parsing is idempotent). An undefined precision or
     F1 (no "yes" predicted) is 0.0, where the official script would divide by zero.
     """
+    preds = list(preds)
     p = np.array([parse_answer(t) == "yes" for t in preds], dtype=bool)
     labels = list(labels)
     bad = [x for x in labels if x not in ("yes", "no")]
@@ -149,7 +159,8 @@ def pope_metrics(preds: Iterable[str], labels: Iterable[str]) -> dict[str, float
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"accuracy": (tp + tn) / p.size, "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": float(p.mean()), "n": p.size, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+            "yes_ratio": float(p.mean()), "n": p.size, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "non_yes_no": sum(not is_yes_or_no(t) for t in preds)}
 
 
 def pope_sample_matrix(preds: Iterable[str], labels: Iterable[str]) -> np.ndarray:

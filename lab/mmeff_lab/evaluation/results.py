@@ -3,23 +3,26 @@
 Schema ``mmeff.eval/1`` (fractions for POPE and CHAIR, MME scores in points)::
 
     {"schema": "mmeff.eval/1", "model": str, "family": str, "data": "synthetic:<path>" | "real:<path>",
-     "limit": int | null, "batch_size": int, "dtype": str | null,
+     "limit": int | null, "batch_size": int, "dtype": str | null, "device": str,
      "generation": {"pope_max_new_tokens": 16, "chair_max_new_tokens": int, "mme_max_new_tokens": 16,
                     "do_sample": false, "num_beams": 1},
      "tasks": [task, ...], "bootstrap": {"n_boot": int, "confidence": 0.95, "seed": 0},
      "timing_fields": ["prefill_ms", "tokens_per_s", "peak_memory_bytes"],
      "runs": [{"preset": str,
-               "tasks": {"pope_random": {"accuracy", "precision", "recall", "f1", "yes_ratio", "n", "cost"}, ...,
+               "tasks": {"pope_random": {"accuracy", "precision", "recall", "f1", "yes_ratio", "n", "non_yes_no",
+                                         "cost"}, ...,
                          "chair": {"chair_s", "chair_i", "recall", "len", "n", "cost"},
                          "mme": {"perception", "cognition", "subtasks": {name: {acc, acc_plus, score, ...}},
-                                 "n", "cost"}},
+                                 "n", "unparsed", "cost"}},
                "cost": {"visual_tokens_in", "visual_tokens_kept", "kv_cache_bytes", "prefill_ms",
                         "tokens_per_s", "peak_memory_bytes", "new_tokens", "n"},
                "delta": {task: {metric: {"delta", "lo", "hi"}}}}]}   # absent on the "none" row
 
-``cost``: means per sample over all the run's samples (per task under each task), except tokens_per_s
-(generated tokens / generation time) and peak_memory_bytes (the maximum; null on CPU). ``delta``: preset minus
-``none`` with the 95% paired-bootstrap interval over the same samples.
+``non_yes_no``: POPE answers that say neither yes nor no (scored as yes, the official rule); ``unparsed``: MME
+answers the official parser reads as neither (scored wrong). ``cost``: means per sample over all the run's
+samples (per task under each task), except tokens_per_s (generated tokens / generation time) and
+peak_memory_bytes (the maximum; null on CPU). ``delta``: preset minus ``none`` with the 95% paired-bootstrap
+interval over the same samples.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def build_results(cfg: Any, family: str, data: str,
         runs.append(run)
     return {
         "schema": SCHEMA, "model": cfg.model, "family": family, "data": data, "limit": cfg.limit,
-        "batch_size": cfg.batch_size, "dtype": cfg.dtype,
+        "batch_size": cfg.batch_size, "dtype": cfg.dtype, "device": cfg.device,
         "generation": {"pope_max_new_tokens": SHORT_ANSWER_TOKENS, "chair_max_new_tokens": cfg.chair_max_new_tokens,
                        "mme_max_new_tokens": SHORT_ANSWER_TOKENS, "do_sample": False, "num_beams": 1},
         "tasks": list(rows[0][1]), "bootstrap": {"n_boot": n_boot, "confidence": 0.95, "seed": 0},
@@ -116,6 +119,29 @@ def _headline(task: str, m: dict[str, Any]) -> list[tuple[str, str]]:
     return [("MME perception", f"{m['perception']:.1f}"), ("MME cognition", f"{m['cognition']:.1f}")]
 
 
+def _column_notes(results: dict[str, Any]) -> list[str]:
+    device = results.get("device", "")
+    notes = [
+        "- *visual tokens kept*: visual tokens each decoder layer attends to, averaged over the layers and the "
+        "samples / visual tokens in the prompt.",
+        "- *prefill (ms)*, *tokens/s*: wall times of this run"
+        + (" on the GPU." if device.startswith("cuda") else
+           " on the CPU: they move severalfold with the machine's load; GPU figures need --device cuda."),
+    ]
+    odd = []
+    for run in results["runs"]:
+        for task, m in run["tasks"].items():
+            if m.get("non_yes_no"):
+                odd.append(f"{run['preset']} / {task}: {m['non_yes_no']} of {m['n']} answers neither yes nor no "
+                           "(scored as yes, the official rule)")
+            if m.get("unparsed"):
+                odd.append(f"{run['preset']} / mme: {m['unparsed']} of {m['n']} answers unparsed (scored wrong, "
+                           "the official rule)")
+    if odd:
+        notes.append("- **Answers outside the protocol**: " + "; ".join(odd) + ".")
+    return notes
+
+
 def _fmt(v: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if v is None else f"{v * scale:.{digits}f}"
 
@@ -142,6 +168,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         table.append(cells)
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
+    lines += ["", *_column_notes(results)]
     delta_rows = [r for r in results["runs"] if "delta" in r]
     if delta_rows:
         lines += ["", f"## Change vs `none` (95% paired-bootstrap CI, {results['bootstrap']['n_boot']} resamples)", ""]

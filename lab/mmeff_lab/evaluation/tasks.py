@@ -246,7 +246,7 @@ def score(task: str, samples: Sequence[Sample], answers: Sequence[str],
     if task in POPE_TASKS:
         labels = [s.meta["label"] for s in samples]
         m = pope.pope_metrics(answers, labels)
-        keys = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")
+        keys = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n", "non_yes_no")
         return Scored({k: m[k] for k in keys}, pope.pope_sample_matrix(answers, labels))
     if task == "chair":
         res = chair.evaluate_chair([(s.meta["image_id"], a) for s, a in zip(samples, answers)], ground_truth)
@@ -266,7 +266,8 @@ def chair_metrics(m: dict[str, float]) -> dict[str, Any]:
 
 def mme_metrics(m: dict[str, Any]) -> dict[str, Any]:
     return {"perception": m["perception"], "cognition": m["cognition"], "subtasks": m["subtasks"],
-            "n": sum(v["n_questions"] for v in m["subtasks"].values())}
+            "n": sum(v["n_questions"] for v in m["subtasks"].values()),
+            "unparsed": sum(v["n_other"] for v in m["subtasks"].values())}
 
 
 __all__ = ["CHAIR_PROMPT", "HEADLINE", "POPE_SUFFIX", "POPE_TASKS", "TASK_NAMES", "DataSource", "Sample", "Scored",
