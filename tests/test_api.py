@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -10,10 +13,13 @@ import pytest
 import torch
 
 import mmeff
+import mmeff.presets
 from mmeff.engine.method import Method, Point
 from mmeff.families.prompt import make_inputs
 from mmeff_lab.models.factory import FAMILIES, load_tiny, random_image
 from tests.helpers import SIZES, batch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -213,3 +219,29 @@ def test_add_a_method_as_the_architecture_page_says(family_model, tmp_path):
             assert handle.stats["visual_tokens_kept"] < handle.stats["visual_tokens_in"]
     finally:
         registry._REGISTRY.pop("keep-first", None)
+
+
+def test_preset_file_errors_name_the_file_and_the_section(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[mine]\ndescripton = "x"\nmethod = "fastv"\n')
+    with pytest.raises(mmeff.ConfigError, match=r"bad\.toml: preset \[mine\] has a key 'descripton'; did you mean "
+                                                 r"'description'\?"):
+        mmeff.presets.resolve(str(path), None, {})
+    path.write_text('[mine]\nmethod = "fastv"\nratoi = 0.5\n')
+    with pytest.raises(mmeff.ConfigError, match=r"bad\.toml \[mine\]: .*ratoi"):
+        mmeff.presets.resolve(str(path), None, {})
+    path.write_text('[mine]\nmethod = "fastv"\nratio = \n')
+    with pytest.raises(mmeff.ConfigError, match=r"bad\.toml: not valid TOML"):
+        mmeff.presets.resolve(str(path), None, {})
+
+
+def test_import_is_lazy():
+    """``import mmeff`` (and so the command line's --help) loads neither torch nor transformers."""
+    code = ("import sys, mmeff, mmeff.presets; mmeff.presets.builtin_presets(); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'eager import'; "
+            "assert callable(mmeff.wrap) and 'torch' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
+        mmeff.nosuch  # noqa: B018

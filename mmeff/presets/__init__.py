@@ -16,6 +16,7 @@ of the same form (e.g. written by ``mmeff tune``) is accepted wherever a preset 
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from collections.abc import Sequence
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from mmeff.config import MethodConfig
-from mmeff.engine.method import lookup
 from mmeff.errors import ConfigError, UnknownPresetError
 from mmeff.io import atomic_write_text
 
@@ -35,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-_RESERVED = ("description", "families", "method")
+_RESERVED = ("description", "families", "method", "requires")
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,17 @@ class Preset:
     fields: dict[str, Any] = field(default_factory=dict)
     families: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
+    requires: str = ""  # when the preset is refused (shown by ``mmeff presets``)
 
     def config(self, family: str | None = None) -> MethodConfig:
         data = {"method": self.method, **self.fields}
         if family is not None:
             data.update(self.families.get(family, {}))
-        return config_from_dict(data)
+        try:
+            return config_from_dict(data)
+        except ConfigError as e:
+            where = f"{self.source} [{self.name}]" if self.source else f"preset [{self.name}]"
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
@@ -60,6 +65,8 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     name = data.pop("method", None)
     if name is None:
         raise ConfigError(f"a method config needs a 'method' key; got keys {sorted(data)}")
+    from mmeff.engine.method import lookup  # the registry imports every method (torch): only when building one
+
     config_cls, _ = lookup(name)
     base = config_cls()
     return base.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
@@ -74,9 +81,16 @@ def _parse(text: str, source: str) -> dict[str, Preset]:
     for name, body in tables.items():
         if not isinstance(body, dict) or "method" not in body:
             raise ConfigError(f"{source}: preset [{name}] needs a 'method' key")
+        for key in body:
+            near = difflib.get_close_matches(key, _RESERVED, n=1, cutoff=0.75)
+            if key not in _RESERVED and near:
+                raise ConfigError(f"{source}: preset [{name}] has a key {key!r}; did you mean {near[0]!r}?")
         families = body.get("families", {})
+        if not isinstance(families, dict) or not all(isinstance(v, dict) for v in families.values()):
+            raise ConfigError(f"{source}: preset [{name}]: 'families' must hold one table per family")
         fields = {k: v for k, v in body.items() if k not in _RESERVED}
-        presets[name] = Preset(name, body.get("description", ""), body["method"], fields, families, source)
+        presets[name] = Preset(name, body.get("description", ""), body["method"], fields, families, source,
+                               body.get("requires", ""))
     return presets
 
 

@@ -78,3 +78,11 @@ def test_describe_maps_environment_errors():
     assert expected and "reference-llava" in msg
     assert describe(FileNotFoundError(2, "No such file", "a/b.json"))[0] == "file not found: a/b.json"
     assert describe(KeyError("x"))[1] is False
+
+
+def test_presets_listing_is_readable():
+    result = runner.invoke(app, ["presets"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    assert "t=39.26" in result.output and "t=39.26492840997221" not in result.output  # rounded settings
+    var = next(line for line in result.output.splitlines() if line.startswith("│ var "))
+    assert "needs a decoder whose sink" in var

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def presets() -> None:
@@ -13,11 +14,23 @@ def presets() -> None:
 
     table = Table("preset", "method", "settings", "what it does")
     for name, p in sorted(builtin_presets().items()):
-        settings = ", ".join(f"{k}={v}" for k, v in p.fields.items())
+        settings = ", ".join(f"{k}={_short(v)}" for k, v in p.fields.items())
         if p.families:
             settings += f" (per-family: {', '.join(sorted(p.families))})"
-        table.add_row(name, p.method, settings, p.description)
+        what = p.description + (f" — needs {p.requires}" if p.requires else "")
+        table.add_row(name, p.method, Text(settings), Text(what))
     Console().print(table)
+
+
+def _short(value: object) -> str:
+    """Preset values as a person reads them: floats to 4 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def models() -> None:
