@@ -56,6 +56,10 @@ def test_tune_accepts_a_shipped_model_name(tmp_path):
                                  "--samples", "2", "--batch-size", "2", "--output", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert out.is_file() and "method = \"vflowopt\"" in out.read_text()
+    trials = [line for line in result.output.splitlines() if line.startswith("trial ")]
+    assert [t.split()[1] for t in trials] == [f"{i}/12" for i in range(1, 13)]  # every trial, however it ended
+    assert any(" completed: objective " in t for t in trials)
+    assert all(" completed: " in t or " pruned: " in t for t in trials)
 
 
 def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, tmp_path):

@@ -38,7 +38,7 @@ def vflowopt(
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     batches = [make_inputs(processor, [s.text for s in c], [[s.image] for s in c]).to(device) for c in chunks]
     cfg, score = tune_vflowopt(net, batches, budget=budget, trials=trials, seed=seed, timeout=timeout,
-                               progress=lambda i, v: typer.echo(f"trial {i}: {v:.4f}"))
+                               progress=typer.echo)
     name = output.stem
     write_preset(output, name, cfg, f"VFlowOpt tuned for budget {budget} on {len(items)} samples "
                                     f"(objective {score:.4f} of {len(items)})")

@@ -61,6 +61,14 @@ def objective_value(full: torch.Tensor, pruned: torch.Tensor) -> float:
     return float(torch.nan_to_num(cos, nan=0.0).sum())
 
 
+def _prune(trial: Any, reason: str) -> float:
+    """Prune ``trial`` with ``reason`` kept for the progress line (optuna does not keep the exception's)."""
+    import optuna
+
+    trial.set_user_attr("pruned", reason)
+    raise optuna.TrialPruned(reason)
+
+
 def tune_vflowopt(
     model: Any,
     batches: Sequence[Any],
@@ -74,11 +82,13 @@ def tune_vflowopt(
     startup_trials: int | None = None,
     timeout: float | None = None,
     budget_tolerance: float = 0.01,
-    progress: Callable[[int, float], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[VFlowOptConfig, float]:
     """Search the VFlowOpt config of ``budget`` that keeps the last-token state closest to the full model's.
 
-    ``batches``: processor outputs (on the model's device). Returns (best config, best objective).
+    ``batches``: processor outputs (on the model's device). ``progress``: one line per finished trial, whatever
+    its end (completed with its objective, pruned with the reason, failed with the error). Returns (best config,
+    best objective).
     """
     import optuna
 
@@ -97,7 +107,7 @@ def tune_vflowopt(
         lo, hi = r1_interval(budget, p["r_v"], layers, n_layers)
         lo, hi = max(lo, space["r_1"][0]), min(hi, space["r_1"][1])
         if lo > hi:
-            raise optuna.TrialPruned(f"no r_1 in the search box meets the budget with r_v={p['r_v']:.4f}")
+            return _prune(trial, f"no r_1 in the search box meets the budget with r_v={p['r_v']:.4f}")
         p["r_1"] = lo + trial.suggest_float("r_1_share", 0.0, 1.0) * (hi - lo)  # position inside the interval
         trial.set_user_attr("r_1", p["r_1"])
         r2 = solve_last_ratio(budget, p["r_v"], layers, [p["r_1"], 0.0], n_layers)
@@ -115,17 +125,33 @@ def tune_vflowopt(
         trial.set_user_attr("r_2", r2)
         trial.set_user_attr("removed", removed)
         if removed < budget - budget_tolerance:
-            raise optuna.TrialPruned(f"keeps {1 - removed:.3f} of the visual tokens (recycled cells counted)")
-        if progress is not None:
-            progress(trial.number, total)
+            return _prune(trial, f"keeps {1 - removed:.3f} of the visual tokens (recycled cells counted)")
         return total
+
+    def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if progress is None:
+            return
+        head = f"trial {trial.number + 1}/{trials}"
+        state = trial.state.name.lower()
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            best = study.best_value
+            progress(f"{head} completed: objective {trial.value:.4f} (best {best:.4f})")
+        elif trial.state == optuna.trial.TrialState.PRUNED:
+            progress(f"{head} pruned: {trial.user_attrs.get('pruned', 'no reason given')}")
+        else:
+            progress(f"{head} {state}: {trial.user_attrs.get('error', 'see the log above')}")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     startup = startup_trials if startup_trials is not None else min(27, max(1, trials // 3))
     sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    study.optimize(objective, n_trials=trials, timeout=timeout)  # timeout: stop after the trial in flight
+    # timeout: stop after the trial in flight; a failing trial is reported and the search goes on
+    study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[report], catch=(RuntimeError,))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    if failed and not done:
+        raise ConfigError(f"all {len(failed)} tuning trials failed; the first: "
+                          f"{failed[0].system_attrs.get('fail_reason', 'unknown error')}")
     if not done:
         raise ConfigError(f"no tuning trial met the budget {budget} constraint in {trials} trials; use more trials")
     best = max(done, key=lambda t: t.value)
