@@ -132,6 +132,9 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str | t
                attn_implementation: str = "sdpa") -> tuple[Any, Any, str]:
     """Load ``spec`` (see the module docstring) for inference: returns ``(model, processor, family)``."""
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar on every command says nothing a user needs
 
     source = resolve_spec(spec)
     torch_dtype = resolve_dtype(dtype, device)
