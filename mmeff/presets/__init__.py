@@ -65,7 +65,8 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     name = data.pop("method", None)
     if name is None:
         raise ConfigError(f"a method config needs a 'method' key; got keys {sorted(data)}")
-    from mmeff.engine.method import lookup  # the registry imports every method (torch): only when building one
+    import mmeff.methods  # noqa: F401  (registers the built-in methods; imports torch: only when building one)
+    from mmeff.engine.method import lookup
 
     config_cls, _ = lookup(name)
     base = config_cls()
