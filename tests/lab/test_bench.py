@@ -68,8 +68,9 @@ def test_rows_slower_than_none_in_their_mode_are_flagged():
     for r in rows:  # the ratios bench() computes: against `none` of the same mode
         base = next(b for b in rows if b["preset"] == "none" and b["cuda_graphs"] == r["cuda_graphs"])
         r["speedup"] = base["prefill_ms"] / r["prefill_ms"]
-    md = speed.to_markdown(dict(model="M", random_weights=True, device="d", dtype="bf16", batch_size=1,
+    md = speed.to_markdown(dict(model="M", random_weights=True, device="cpu", dtype="bf16", batch_size=1,
                                 sequence_length=9, new_tokens=1, repeats=1, rows=rows))
     assert "| fastv **slower than none** |" in md and "| fastv [graphs] |" in md
     assert "| dyvte [graphs] (prefill eager: the capture failed (x)) **slower than none** |" in md
     assert "**Slower than `none` in the same mode (prefill)**: fastv, dyvte [graphs]" in md
+    assert "*ideal*: the unwrapped vision encoder" in md and "Timed on the CPU" in md

@@ -305,6 +305,17 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['decode_tokens_per_s']:.1f} | {peak} | {r['kv_cache_bytes'] / 2**20:.1f} "
             f"| {100 * r['kv_visual_ratio']:.1f}% | {r.get('generate_ms', 0.0):.1f} |"
         )
+    lines += [
+        "",
+        "- *visual kept*: visual tokens each decoder layer attends to, averaged over the layers / tokens in.",
+        "- *ideal*: the unwrapped vision encoder plus the unwrapped decoder run on the shortened sequence each layer "
+        "sees (the limit a pruning preset can reach); for `none` it is the same model timed in parts, so its ratio "
+        "shows the run-to-run noise.",
+        "- *speed-up*: prefill of `none` in the same mode (eager or graphs) / this row's prefill.",
+    ]
+    if result.get("device") == "cpu":
+        lines.append("- Timed on the CPU: the times move severalfold with the machine's load; performance figures "
+                     "are GPU runs (`--device cuda`).")
     slow = [r["preset"] + (" [graphs]" if r.get("cuda_graphs") else "") for r in result["rows"]
             if r["preset"] != "none" and r["speedup"] < 1.0]
     if slow:
