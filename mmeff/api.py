@@ -60,7 +60,7 @@ def wrap(
     model: nn.Module,
     preset: str | MethodConfig | Sequence[str | MethodConfig] = "none",
     *,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | str = False,
     timing: bool = False,
     **overrides: Any,
 ) -> Handle:
@@ -70,16 +70,20 @@ def wrap(
     ``.toml`` file, a method config, or a list of those. ``overrides`` change config fields. Keep calling
     ``model(...)`` / ``model.generate(...)`` as before; ``mmeff.unwrap(model)`` restores the original.
 
-    ``cuda_graphs=True``: decode steps read a preallocated KV cache and replay one CUDA graph per token
-    (:mod:`mmeff.engine.static_decode`), and a prefill whose shapes were seen before replays one CUDA graph of the
-    whole forward (:mod:`mmeff.engine.prefill_graph`; ``handle.stats["prefill_graph"]`` says how the last one
-    ran). The model must sit on one CUDA device, and every method be graphable.
+    ``cuda_graphs=True`` (or ``"decode"``): decode steps read a preallocated KV cache and replay one CUDA graph
+    per token (:mod:`mmeff.engine.static_decode`). ``cuda_graphs="all"``: also a prefill whose shapes were seen
+    before replays one CUDA graph of the whole forward (:mod:`mmeff.engine.prefill_graph`;
+    ``handle.stats["prefill_graph"]`` says how the last one ran) — new, tested on CPU against its eager reference,
+    not yet measured on a GPU, hence not part of ``True`` yet. The model must sit on one CUDA device, and every
+    method be graphable.
 
     ``timing=True``: ``handle.stats`` also reports the prefill and decode wall times; each forward then waits for
     the device at its start and end, so leave it off where speed matters.
     """
     if model in _HANDLES:
         raise MmeffError("this model is already wrapped; call mmeff.unwrap(model) first")
+    if cuda_graphs not in (False, True, "decode", "all"):
+        raise MmeffError(f"cuda_graphs must be False, True / 'decode' or 'all', got {cuda_graphs!r}")
     adapter = adapter_for(model)
     configs = resolve(preset, adapter.family, overrides)
     methods = [lookup(c.method)[1](c, adapter) for c in configs]
@@ -90,7 +94,8 @@ def wrap(
     if cuda_graphs:
         try:
             pipeline.enable_static_decode()
-            pipeline.enable_prefill_graphs()
+            if cuda_graphs == "all":
+                pipeline.enable_prefill_graphs()
         except MmeffError:
             pipeline.detach()
             raise

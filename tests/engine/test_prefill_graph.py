@@ -163,7 +163,7 @@ def test_cuda_graph_prefill_equals_eager(tiny_model_dir, family, preset):
     first = {k: v.cuda() for k, v in batch(processor, family).items()}
     second = {k: v.cuda() for k, v in other_batch(processor, family).items()}
     want = [eager(model, preset, x) for x in (first, second)]
-    with mmeff.wrap(model, preset, cuda_graphs=True) as handle:
+    with mmeff.wrap(model, preset, cuda_graphs="all") as handle:
         modes = []
         for i in range(4):
             x = i % 2
@@ -204,3 +204,12 @@ def test_a_refused_whole_forward_capture_falls_back_to_decoder_graphs(tiny_model
     assert modes[0].startswith("eager: first call")
     assert modes[1].startswith("decoder captured;") and refused in modes[1]  # its warm-up was the first call
     assert modes[2].startswith("decoder replayed;") and modes[3].startswith("decoder replayed;") and refused in modes[3]
+
+
+def test_cuda_graphs_values(tiny_model_dir):
+    model, _ = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+    with pytest.raises(mmeff.MmeffError, match=r"cuda_graphs must be False, True / 'decode' or 'all', got 'yes'"):
+        mmeff.wrap(model, "none", cuda_graphs="yes")
+    with pytest.raises(mmeff.MmeffError, match="one CUDA device"):  # on a CPU model, before anything is attached
+        mmeff.wrap(model, "none", cuda_graphs="all")
+    assert mmeff.handle_of(model) is None

@@ -204,7 +204,7 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
         vision()
     vision_t = _median([timer(vision)[0] for _ in range(repeats)])
     def measure(preset: str, graphs: bool) -> BenchRow:
-        handle = mmeff.wrap(model, preset, cuda_graphs=graphs, timing=True)
+        handle = mmeff.wrap(model, preset, cuda_graphs="all" if graphs else False, timing=True)
         try:
             prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
             gen = lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
