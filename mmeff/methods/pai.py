@@ -1,22 +1,34 @@
 """PAI baseline (Liu et al., "Paying More Attention to Image: A Training-Free Method for Alleviating
 Hallucination in LVLMs", ECCV 2024; official code LALBJ/PAI).
 
-Two parts, both at every generation step:
+Two parts:
 
 * image-attention amplification on the last query row, pre-softmax, at decoder layers [start_layer,
   end_layer) (2..L): ``a_j <- a_j + alpha |a_j|`` for the visual keys j (alpha = 0.2);
-* classifier-free guidance against the no-image prompt (a second sequence with its own KV cache)::
+* classifier-free guidance against the no-image prompt (a second sequence with its own KV cache), with the
+  released code's plausibility cutoff (tokens whose image-conditioned log-probability is below
+  ``log(cutoff) + max`` are removed)::
 
-      logits <- log_softmax(l_noimg) + gamma * (log_softmax(l_img) - log_softmax(l_noimg))      (gamma = 1.1)
+      lp = log_softmax(l_img),  lq = log_softmax(l_noimg)
+      logits <- lq + gamma * (lp - lq),  and -inf where lp < log(cutoff) + max(lp)     (gamma 1.1, cutoff 0.1)
 
-  applied to the last position of each forward call (the one sampled from). gamma = 1 (with alpha = 0) is
-  the unchanged model up to log_softmax (same greedy choice).
+  applied to the last position of each forward call (the one sampled from). gamma = 1 is the unchanged model
+  (no second sequence, no cutoff), as in the released code.
+
+When the amplification acts (``reading``):
+
+* ``"released"`` (default; LALBJ/PAI): with CFG on (gamma != 1) the step that produces the *first* token — the
+  prefill — is not amplified (the attention patch runs only ``if use_attn and not use_cfg``, and ``use_cfg``
+  is switched off by the CFG processor only after its first call); every later step is. So a one-word answer
+  (POPE, MME) gets CFG only. With gamma = 1 every step is amplified.
+* ``"text"`` (the paper's description): every step is amplified, the first one included (preset ``pai-text``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -36,13 +48,20 @@ class PAIConfig(MethodConfig):
     gamma: float = 1.1
     start_layer: int = 2
     end_layer: int | None = None
+    cutoff: float | None = 0.1  # CFG plausibility cutoff (the released code's 0.1); None: no cutoff
+    reading: Literal["released", "text"] = "released"  # when the amplification acts (see the module doc)
 
 
-def cfg_logits(with_image: torch.Tensor, no_image: torch.Tensor, gamma: float) -> torch.Tensor:
-    """PAI's guidance on [B, V] logits, in log-probabilities."""
+def cfg_logits(with_image: torch.Tensor, no_image: torch.Tensor, gamma: float,
+               cutoff: float | None = None) -> torch.Tensor:
+    """PAI's guidance on [B, V] logits, in log-probabilities; ``cutoff``: drop (-inf) the tokens whose
+    image-conditioned log-probability is below ``log(cutoff)`` + its maximum."""
     img = torch.log_softmax(with_image.float(), -1)
     txt = torch.log_softmax(no_image.float(), -1)
-    return txt + gamma * (img - txt)
+    out = txt + gamma * (img - txt)
+    if cutoff is not None:
+        out = out.masked_fill(img < math.log(cutoff) + img.amax(-1, keepdim=True), float("-inf"))
+    return out
 
 
 class _Amplify:
@@ -68,8 +87,13 @@ class PAI(Method):
 
     def validate(self, n_layers: int) -> None:
         self.layers = check_layers("pai", self.config.start_layer, self.config.end_layer, n_layers)
-        if self.config.alpha < 0:
-            raise ConfigError(f"pai: alpha must be >= 0, got {self.config.alpha}")
+        c = self.config
+        if c.alpha < 0:
+            raise ConfigError(f"pai: alpha must be >= 0, got {c.alpha}")
+        if c.cutoff is not None and not 0.0 < c.cutoff <= 1.0:
+            raise ConfigError(f"pai: cutoff must be in (0, 1] or None, got {c.cutoff}")
+        if c.reading not in ("released", "text"):
+            raise ConfigError(f"pai: reading must be 'released' or 'text', got {c.reading!r}")
 
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
         if self.config.gamma == 1.0:
@@ -80,9 +104,12 @@ class PAI(Method):
         data.last = data.side.begin()
 
     def attention_hooks(self, layer: int, state: State) -> list[Any]:
-        if self.config.alpha > 0 and layer in self.layers and state.visual.any():
-            return [_Amplify(state, self.config.alpha)]
-        return []
+        c = self.config
+        if c.alpha <= 0 or layer not in self.layers:
+            return []
+        if c.reading == "released" and c.gamma != 1.0 and state.phase == "prefill":
+            return []  # the released code: the first token is computed with CFG on, which skips the patch
+        return [_Amplify(state, c.alpha)] if state.visual.any() else []
 
     def process_logits(self, state: State, logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         data: _Data = self.data(state)
@@ -90,7 +117,8 @@ class PAI(Method):
             return logits
         if state.phase == "decode":
             data.last = data.side.step(inputs["input_ids"])
-        return last_position_logits(logits, cfg_logits(logits[:, -1], data.last, self.config.gamma))
+        c = self.config
+        return last_position_logits(logits, cfg_logits(logits[:, -1], data.last, c.gamma, c.cutoff))
 
 
 register_method(PAIConfig, PAI)

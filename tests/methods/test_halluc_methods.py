@@ -218,7 +218,8 @@ def test_contrastive_streams_match_full_recompute(models):
                            "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1),
                            **({"mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new)], 1)}
                               if "mm_token_type_ids" in inputs else {})}).logits[:, -1]
-            want = contrast(main, side_logits, 1.0, 0.1) if preset == "vcd" else cfg_logits(main, side_logits, 1.1)
+            want = (contrast(main, side_logits, 1.0, 0.1) if preset == "vcd"
+                    else cfg_logits(main, side_logits, 1.1, 0.1))
             fin = torch.isfinite(want)
             assert torch.equal(fin, torch.isfinite(out.logits[step]))
             torch.testing.assert_close(out.logits[step][fin], want[fin], rtol=2e-3, atol=2e-3)
