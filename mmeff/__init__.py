@@ -10,6 +10,7 @@ pay for torch and transformers until something needs them.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from mmeff.errors import (
@@ -46,6 +47,8 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        if importlib.util.find_spec(f"mmeff.{name}") is not None:  # a subpackage: ``mmeff.families`` after import
+            return importlib.import_module(f"mmeff.{name}")
         raise AttributeError(f"module 'mmeff' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function

@@ -245,3 +245,7 @@ def test_import_is_lazy():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
     with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
         mmeff.nosuch  # noqa: B018
+    code = "import mmeff; print(mmeff.families.adapter_for.__name__)"  # subpackages without importing them first
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and out.stdout.strip() == "adapter_for", out.stderr[-2000:]
