@@ -9,6 +9,7 @@ from PIL import Image
 
 from mmeff_lab.evaluation.errors import DataError
 from mmeff_lab.evaluation.mme import (
+    SUBTASKS,
     load_mme,
     load_results_dir,
     load_template,
@@ -62,8 +63,26 @@ def test_both_layouts_and_score(tmp_path: Path) -> None:
     ex = scores["subtasks"]["existence"]
     assert ex["acc"] == 0.75 and ex["acc_plus"] == 0.5 and ex["score"] == 125.0 and ex["n_other"] == 1
     assert scores["subtasks"]["artwork"]["score"] == 0.0
-    assert scores["perception"] == 125.0 and scores["cognition"] == 0
+    # two of 14 subtasks: no total may pretend to be MME's
+    assert scores["perception"] is None and scores["cognition"] is None
     assert "code_reasoning" in scores["missing_subtasks"]
+    assert scores["totals_missing"]["perception"].startswith("8 of its 10 subtasks missing (count, position")
+    assert scores["totals_missing"]["cognition"].startswith("4 of its 4 subtasks missing")
+    # a benchmark of two subtasks (a synthetic set) is complete with both: its perception total is their sum
+    small = mme_scores(load_results_dir(out), benchmark=("existence", "artwork"))
+    assert small["perception"] == 125.0 and small["cognition"] is None
+    assert small["totals_missing"] == {"cognition": "not part of this benchmark"}
+
+
+def test_release_zip_layout_loads(tmp_path: Path) -> None:
+    """The release zip unpacks to MME_Benchmark_release_version/MME_Benchmark/<subtask>/."""
+    from mmeff_lab.evaluation.tasks import DataSource
+
+    nested = tmp_path / "MME_Benchmark_release_version" / "MME_Benchmark" / "existence"
+    nested.mkdir(parents=True)
+    data = DataSource("real", tmp_path)
+    assert data.mme_root() == nested.parent
+    assert data.mme_benchmark == tuple(SUBTASKS)
 
 
 def test_template_file(tmp_path: Path) -> None:

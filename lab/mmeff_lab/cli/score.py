@@ -95,12 +95,16 @@ def _show(benchmark: str, scores: dict[str, Any]) -> None:
     elif benchmark == "chair":
         rows = scores["overall_metrics"]
     else:
-        rows = {"perception": scores["perception"], "cognition": scores["cognition"],
+        rows = {"perception": "–" if scores["perception"] is None else scores["perception"],
+                "cognition": "–" if scores["cognition"] is None else scores["cognition"],
                 **{s: m["score"] for s, m in scores["subtasks"].items()},
                 "unparsed answers": sum(m["n_other"] for m in scores["subtasks"].values())}
     for k, v in rows.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     Console().print(table)
+    if benchmark == "mme":
+        for total, why in scores["totals_missing"].items():
+            Console(stderr=True).print(f"note: no MME {total} total: {why}", highlight=False)
     if benchmark == "pope" and scores["non_yes_no"]:
         Console(stderr=True).print(f"note: {scores['non_yes_no']} of {scores['n']} answers say neither yes nor no; "
                                    "the official rule scores them as yes", highlight=False)

@@ -194,16 +194,31 @@ def subtask_metrics(results: Sequence[MMEResult]) -> dict[str, float]:
             "n_other": sum(parse_prediction(r.prediction) == "other" for r in results)}
 
 
-def mme_scores(results: Mapping[str, Sequence[MMEResult]]) -> dict[str, object]:
-    """Per-subtask metrics plus perception/cognition totals over the subtasks present."""
+def mme_scores(results: Mapping[str, Sequence[MMEResult]],
+               benchmark: Sequence[str] = SUBTASKS) -> dict[str, object]:
+    """Per-subtask metrics plus the perception / cognition totals — each only over its *complete* group of the
+    ``benchmark``'s subtasks (the official release: all 10 / all 4; a synthetic benchmark: its own set). An
+    incomplete group's total is None, never a sum over what happened to be there; ``totals_missing`` says why."""
     unknown = set(results) - set(SUBTASKS)
     if unknown:
         raise ValueError(f"unknown MME subtasks {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
     per = {s: subtask_metrics(results[s]) for s in SUBTASKS if s in results}
-    return {"subtasks": per,
-            "perception": sum(per[s]["score"] for s in PERCEPTION if s in per),
-            "cognition": sum(per[s]["score"] for s in COGNITION if s in per),
-            "missing_subtasks": [s for s in SUBTASKS if s not in per]}
+    out: dict[str, object] = {"subtasks": per, "benchmark_subtasks": list(benchmark),
+                              "missing_subtasks": [s for s in benchmark if s not in per]}
+    why: dict[str, str] = {}
+    for name, group in (("perception", PERCEPTION), ("cognition", COGNITION)):
+        wanted = [s for s in group if s in benchmark]
+        absent = [s for s in wanted if s not in per]
+        if not wanted:
+            out[name] = None
+            why[name] = "not part of this benchmark"
+        elif absent:
+            out[name] = None
+            why[name] = f"{len(absent)} of its {len(wanted)} subtasks missing ({', '.join(absent)})"
+        else:
+            out[name] = sum(per[s]["score"] for s in wanted)
+    out["totals_missing"] = why
+    return out
 
 
 def mme_sample_matrix(results: Mapping[str, Sequence[MMEResult]]) -> np.ndarray:

@@ -27,6 +27,8 @@ def _series(results: dict[str, Any]) -> dict[str, tuple[list[Point], bool]]:
             else:
                 panels = {"MME perception": ("perception", 1.0)}
             for title, (key, scale) in panels.items():
+                if m.get(key) is None:  # an MME total over an incomplete group of subtasks: not plotted
+                    continue
                 delta = run.get("delta", {}).get(task, {}).get(key)
                 ci = None if delta is None else (scale * (base[task][key] + delta["lo"]),
                                                  scale * (base[task][key] + delta["hi"]))

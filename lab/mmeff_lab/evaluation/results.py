@@ -12,7 +12,8 @@ Schema ``mmeff.eval/1`` (fractions for POPE and CHAIR, MME scores in points)::
                "tasks": {"pope_random": {"accuracy", "precision", "recall", "f1", "yes_ratio", "n", "non_yes_no",
                                          "cost"}, ...,
                          "chair": {"chair_s", "chair_i", "recall", "len", "n", "cost"},
-                         "mme": {"perception", "cognition", "subtasks": {name: {acc, acc_plus, score, ...}},
+                         "mme": {"perception", "cognition",   # null unless their subtask group is complete
+                                 "totals_missing": {total: why}, "subtasks": {name: {acc, acc_plus, score, ...}},
                                  "n", "unparsed", "cost"}},
                "cost": {"visual_tokens_in", "visual_tokens_kept", "kv_cache_bytes", "prefill_ms",
                         "tokens_per_s", "peak_memory_bytes", "new_tokens", "n"},
@@ -67,6 +68,8 @@ def cost_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def deltas(task: str, base: Scored, other: Scored, n_boot: int) -> dict[str, dict[str, float]]:
     out = {}
     for name, metric in HEADLINE[task].items():
+        if base.metrics.get(name, 0.0) is None:  # an MME total over an incomplete group is not reported
+            continue
         d, lo, hi = paired_bootstrap(base.matrix, other.matrix, metric, n_boot=n_boot, seed=0)
         out[name] = {"delta": d, "lo": lo, "hi": hi}
     return out
@@ -116,7 +119,7 @@ def _headline(task: str, m: dict[str, Any]) -> list[tuple[str, str]]:
     if task == "chair":
         return [("CHAIR_S", f"{100 * m['chair_s']:.1f}"), ("CHAIR_I", f"{100 * m['chair_i']:.1f}"),
                 ("CHAIR recall", f"{100 * m['recall']:.1f}")]
-    return [("MME perception", f"{m['perception']:.1f}"), ("MME cognition", f"{m['cognition']:.1f}")]
+    return [("MME perception", _fmt(m["perception"])), ("MME cognition", _fmt(m["cognition"]))]
 
 
 def _column_notes(results: dict[str, Any]) -> list[str]:
@@ -139,6 +142,9 @@ def _column_notes(results: dict[str, Any]) -> list[str]:
                            "the official rule)")
     if odd:
         notes.append("- **Answers outside the protocol**: " + "; ".join(odd) + ".")
+    first = results["runs"][0]["tasks"].get("mme", {})
+    for total, why in first.get("totals_missing", {}).items():
+        notes.append(f"- **MME {total} total not reported** (–): {why}; the subtask scores are in results.json.")
     return notes
 
 

@@ -352,7 +352,7 @@ def collect(cfg: EvalConfig, samples: dict[str, list[Sample]], data: DataSource,
                                   "run again with --resume")
             recs = [logged[s.id] for s in task_samples]
             gt = data.chair_ground_truth if task == "chair" else None
-            per_task[task] = (score(task, task_samples, [r["answer"] for r in recs], gt), recs)
+            per_task[task] = (score(task, task_samples, [r["answer"] for r in recs], gt, data.mme_benchmark), recs)
         rows.append((preset, per_task))
     return res.build_results(cfg, family, data.describe(), rows, cfg.n_boot)
 

@@ -82,10 +82,22 @@ class DataSource:
     def mme_root(self) -> Path:
         if self.kind == "synthetic":
             return self.root / "mme" / "MME_Benchmark"
-        for name in ("MME_Benchmark_release_version", "MME_Benchmark"):
-            if (self.root / name).is_dir():
-                return self.root / name
-        raise DataError(self.root, "no MME_Benchmark_release_version/ (or MME_Benchmark/) folder for the mme task")
+        # the release zip unpacks to MME_Benchmark_release_version/MME_Benchmark/<subtask>; older copies and
+        # hand-made folders hold the subtasks one level up, or --data is the release folder itself
+        for cand in (self.root / "MME_Benchmark_release_version" / "MME_Benchmark",
+                     self.root / "MME_Benchmark_release_version", self.root / "MME_Benchmark",
+                     self.root / "MME_Benchmark" / "MME_Benchmark", self.root):
+            if cand.is_dir() and any((cand / s).is_dir() for s in mme.SUBTASKS):
+                return cand
+        raise DataError(self.root, "no MME subtask folders under MME_Benchmark_release_version/MME_Benchmark/, "
+                        "MME_Benchmark_release_version/ or MME_Benchmark/ for the mme task")
+
+    @property
+    def mme_benchmark(self) -> tuple[str, ...]:
+        """The MME subtasks this benchmark consists of (totals need all of a group's)."""
+        from mmeff_lab.reference.synthetic import MME_SUBTASKS
+
+        return tuple(MME_SUBTASKS) if self.kind == "synthetic" else tuple(mme.SUBTASKS)
 
     @cached_property
     def chair_ground_truth(self) -> dict[int, frozenset[str]]:
@@ -239,7 +251,8 @@ HEADLINE: dict[str, dict[str, Callable[[np.ndarray], np.ndarray]]] = {
 
 
 def score(task: str, samples: Sequence[Sample], answers: Sequence[str],
-          ground_truth: dict[int, frozenset[str]] | None = None) -> Scored:
+          ground_truth: dict[int, frozenset[str]] | None = None,
+          mme_benchmark: Sequence[str] = mme.SUBTASKS) -> Scored:
     """Official metrics of ``answers`` (one per sample, same order)."""
     if len(samples) != len(answers):
         raise ValueError(f"{task}: {len(answers)} answers for {len(samples)} samples")
@@ -256,7 +269,7 @@ def score(task: str, samples: Sequence[Sample], answers: Sequence[str],
         for s, a in zip(samples, answers):
             results.setdefault(s.meta["subtask"], []).append(
                 mme.MMEResult(s.meta["image"], s.meta["question"], s.meta["answer"], a))
-        return Scored(mme_metrics(mme.mme_scores(results)), mme.mme_sample_matrix(results))
+        return Scored(mme_metrics(mme.mme_scores(results, mme_benchmark)), mme.mme_sample_matrix(results))
     raise UnknownTaskError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
 
 
@@ -266,6 +279,7 @@ def chair_metrics(m: dict[str, float]) -> dict[str, Any]:
 
 def mme_metrics(m: dict[str, Any]) -> dict[str, Any]:
     return {"perception": m["perception"], "cognition": m["cognition"], "subtasks": m["subtasks"],
+            "totals_missing": m["totals_missing"],
             "n": sum(v["n_questions"] for v in m["subtasks"].values()),
             "unparsed": sum(v["n_other"] for v in m["subtasks"].values())}
 
