@@ -113,3 +113,20 @@ def test_pope_non_answers_are_counted(bench, tmp_path):
     m = json.loads((tmp_path / "pope_scores.json").read_text())
     assert m["non_yes_no"] == 8 and m["yes_ratio"] == pytest.approx(10 / 12)  # the official rule still holds
     assert "8 of 12 answers say neither yes nor no" in result.output
+
+
+def test_the_benchmark_is_inferred_from_the_ids(tmp_path):
+    """Without --data, COCO answers and captions score against the shipped COCO files (the README's command)."""
+    from mmeff_lab.evaluation import pope
+
+    qs = pope.load_split("pope_random")
+    pred = tmp_path / "answers.jsonl"
+    pred.write_text("".join(json.dumps({"question_id": q.question_id, "text": "Yes"}) + "\n" for q in qs))
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "pope_scores.json").read_text())["n"] == len(qs) == 3000
+    caps = tmp_path / "captions.jsonl"
+    image_id = int(qs[0].image.rsplit("_", 1)[1].split(".")[0])  # COCO_val2014_000000xxxxxx.jpg
+    caps.write_text(json.dumps({"image_id": image_id, "caption": "A dog on a sofa."}) + "\n")
+    result = runner.invoke(app, ["score", "chair", "--predictions", str(caps), "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output

@@ -16,6 +16,7 @@ data folder: the shipped official POPE questions and CHAIR ground truth of COCO 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,26 +37,56 @@ def _data(data: str) -> Any:
     return resolve_data(data)
 
 
+def _pick(data: str, fits: Callable[[Any], bool], what: str) -> Any:
+    """The benchmark the predictions belong to: ``--data`` as given, or with ``auto`` the shipped COCO files if
+    every id matches them (POPE: every question answered, nothing else), else the synthetic set if it matches
+    (generated on first use), else an error naming the flags — the ids decide, never a default."""
+    if data != "auto":
+        return _data(data)
+    for name in ("coco", "synthetic"):
+        source = _data(name)
+        if fits(source):
+            return source
+    raise MmeffError(f"{what} match neither the COCO benchmark (--data coco) nor the synthetic one "
+                     "(--data synthetic); pass --data with the benchmark folder they come from")
+
+
 def score_pope(predictions: Path, questions: str, data: str) -> dict[str, Any]:
     from mmeff_lab.evaluation import pope
+    from mmeff_lab.evaluation.errors import DataError
 
     if questions in ("random", "popular", "adversarial"):
         split = f"pope_{questions}"
-        path = _data(data).pope_file(split)
-        qs = pope.load_questions(path) if path is not None else pope.load_split(split)
+
+        def split_questions(source: Any) -> list[Any]:
+            path = source.pope_file(split)
+            return pope.load_questions(path) if path is not None else pope.load_split(split)
+
+        def fits(source: Any) -> bool:
+            try:
+                pope.load_answers(predictions, split_questions(source))
+            except DataError:
+                return False
+            return True
+
+        qs = split_questions(_pick(data, fits, f"the question ids of {predictions}"))
     else:
         qs = pope.load_questions(questions)
     answers = pope.load_answers(predictions, qs)
     return pope.pope_metrics(answers, [q.label for q in qs])
 
 
-def _ground_truth(annotations: Path | None, data: str) -> dict[int, frozenset[str]]:
+def _ground_truth(annotations: Path | None, data: str, predictions: Path) -> dict[int, frozenset[str]]:
     from mmeff_lab.evaluation import chair
     from mmeff_lab.evaluation.errors import DataError
     from mmeff_lab.evaluation.tasks import load_plain_ground_truth
 
     if annotations is None:
-        return _data(data).chair_ground_truth
+        if data != "auto":
+            return _data(data).chair_ground_truth
+        ids = {image_id for image_id, _ in chair.load_captions(predictions)}
+        return _pick(data, lambda source: ids <= set(source.chair_ground_truth),
+                     f"the image ids of {predictions}").chair_ground_truth
     if annotations.is_dir():
         instances = sorted(annotations.glob("instances_*.json"))
         captions = sorted(annotations.glob("captions_*.json"))
@@ -71,7 +102,7 @@ def score_chair(predictions: Path, annotations: Path | None, data: str) -> dict[
     """The official output document: ``{"overall_metrics": {...}, "sentences": [...]}``."""
     from mmeff_lab.evaluation import chair
 
-    result = chair.evaluate_chair(chair.load_captions(predictions), _ground_truth(annotations, data))
+    result = chair.evaluate_chair(chair.load_captions(predictions), _ground_truth(annotations, data, predictions))
     return {"overall_metrics": result.metrics, "sentences": result.sentences}
 
 
@@ -115,7 +146,8 @@ def score_command(
     predictions: Path = typer.Option(..., "--predictions", help="Answers / captions file (MME: folder or file)."),
     questions: str = typer.Option("random", "--questions", help="POPE: question file, or random|popular|adversarial."),
     annotations: Path | None = typer.Option(None, "--annotations", help="CHAIR ground truth (file or COCO folder)."),
-    data: str = typer.Option("synthetic", "--data", help="synthetic, a benchmark folder, or coco."),
+    data: str = typer.Option("auto", "--data", help="auto (the benchmark whose ids the predictions match), coco, "
+                             "synthetic or a benchmark folder."),
     output: Path | None = typer.Option(None, "--output", help="Write DIR/<benchmark>_scores.json."),
 ) -> None:
     """Score answers with the official POPE / CHAIR / MME metrics."""
