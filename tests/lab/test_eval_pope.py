@@ -144,3 +144,18 @@ def test_every_missing_image_is_counted_in_one_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"{len(images)} images missing or unreadable under .* \(first: "
                                         rf"{images[0]}, {images[1]}, {images[2]}"):
         resolve_images(qs, tmp_path)
+
+
+def test_answers_in_the_pope_repository_format(tmp_path: Path) -> None:
+    """The POPE repository writes ``{question, answer}`` lines in the question file's order."""
+    qs = load_split("pope_adversarial")[:4]
+    f = tmp_path / "pope_repo.json"
+    f.write_text("".join(json.dumps({"question": q.text, "answer": a}) + "\n"
+                         for q, a in zip(qs, ["Yes", "No", "yes.", "no"])))
+    assert load_answers(f, qs) == ["Yes", "No", "yes.", "no"]
+    f.write_text("".join(json.dumps({"question": q.text, "answer": "Yes"}) + "\n" for q in reversed(qs)))
+    with pytest.raises(DataError, match=r"answer 1 is to .* but question 1 of the question file is"):
+        load_answers(f, qs)
+    f.write_text(json.dumps({"question": qs[0].text, "answer": "Yes"}) + "\n")
+    with pytest.raises(DataError, match=r"1 answers in the POPE repository's format .* for 4 questions"):
+        load_answers(f, qs)

@@ -117,13 +117,18 @@ def is_yes_or_no(text: str) -> bool:
 
 
 def load_answers(path: str | Path, questions: Sequence[Question]) -> list[str]:
-    """Raw answer texts from JSON lines ``{question_id, text}``, in the order of ``questions``.
+    """Raw answer texts, in the order of ``questions``, from JSON lines ``{question_id, text}`` (LLaVA's
+    ``model_vqa`` output, mmeff's), or — the POPE repository's own format — ``{question, answer}`` lines in the
+    question file's order (each ``question`` must be that line's question).
 
     An answer for an unknown question, a repeated answer or an unanswered question is an error.
     """
+    records = list(iter_json_lines(path))
+    if records and "question_id" not in records[0][1] and "answer" in records[0][1]:
+        return _positional_answers(path, records, questions)
     wanted = {q.question_id for q in questions}
     texts: dict[int, str] = {}
-    for lineno, obj in iter_json_lines(path):
+    for lineno, obj in records:
         qid = require(path, lineno, obj, "question_id", int)
         if qid not in wanted:
             raise DataError(path, f"answer for question_id {qid}, which is not among the questions", lineno)
@@ -134,6 +139,21 @@ def load_answers(path: str | Path, questions: Sequence[Question]) -> list[str]:
     if missing:
         raise DataError(path, f"{len(missing)} questions have no answer (first ids: {missing[:5]})")
     return [texts[q.question_id] for q in questions]
+
+
+def _positional_answers(path: str | Path, records: list[tuple[int, dict]], questions: Sequence[Question]
+                        ) -> list[str]:
+    if len(records) != len(questions):
+        raise DataError(path, f"{len(records)} answers in the POPE repository's format (in question order) for "
+                              f"{len(questions)} questions")
+    out = []
+    for (lineno, obj), q in zip(records, questions):
+        asked = obj.get("question")
+        if asked is not None and " ".join(str(asked).split()) != " ".join(q.text.split()):
+            raise DataError(path, f"answer {lineno} is to {asked!r}, but question {lineno} of the question file is "
+                                  f"{q.text!r} (answers must follow the question file's order)", lineno)
+        out.append(require(path, lineno, obj, "answer", str))
+    return out
 
 
 def pope_metrics(preds: Iterable[str], labels: Iterable[str]) -> dict[str, float]:
