@@ -130,3 +130,32 @@ def test_the_benchmark_is_inferred_from_the_ids(tmp_path):
     caps.write_text(json.dumps({"image_id": image_id, "caption": "A dog on a sofa."}) + "\n")
     result = runner.invoke(app, ["score", "chair", "--predictions", str(caps), "--output", str(tmp_path)])
     assert result.exit_code == 0, result.output
+
+
+def test_llava_answer_and_question_files(tmp_path):
+    """LLaVA's POPE files: ids 1.. (adversarial), 10000001.. (random), 20000001.. (popular); the question file
+    carries the split as ``category``; eval_pope.py pairs answers and labels in order per category."""
+    from mmeff_lab.evaluation import pope
+
+    qfile, afile = tmp_path / "llava_pope_test.jsonl", tmp_path / "answers.jsonl"
+    qlines, alines, want = [], [], {}
+    for split, base in (("adversarial", 0), ("random", 10000000), ("popular", 20000000)):
+        qs = pope.load_split(f"pope_{split}")
+        answers = ["Yes" if i % 3 else "No" for i in range(len(qs))]
+        want[f"pope_{split}"] = pope.pope_metrics(answers, [q.label for q in qs])
+        for i, (q, a) in enumerate(zip(qs, answers)):
+            qlines.append({"question_id": base + i + 1, "image": q.image, "text": q.text, "category": split})
+            alines.append({"question_id": base + i + 1, "prompt": q.text, "text": a})
+    qfile.write_text("".join(json.dumps(x) + "\n" for x in qlines))
+    afile.write_text("".join(json.dumps(x) + "\n" for x in alines))
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(afile), "--questions", str(qfile),
+                                 "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    got = json.loads((tmp_path / "pope_scores.json").read_text())["splits"]
+    assert got.keys() == want.keys()
+    for split in want:
+        assert got[split] == pytest.approx(want[split])
+    qlines[0]["image"], qlines[1]["image"] = qlines[1]["image"], qlines[0]["image"]  # misaligned: refused
+    qfile.write_text("".join(json.dumps(x) + "\n" for x in qlines))
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(afile), "--questions", str(qfile)])
+    assert result.exit_code == 2 and "answer 1 (pope_adversarial) is about" in result.output

@@ -70,10 +70,20 @@ def score_pope(predictions: Path, questions: str, data: str) -> dict[str, Any]:
             return True
 
         qs = split_questions(_pick(data, fits, f"the question ids of {predictions}"))
+    elif _is_llava_question_file(Path(questions)):
+        return {"splits": pope.score_llava_answers(predictions, questions)}
     else:
         qs = pope.load_questions(questions)
     answers = pope.load_answers(predictions, qs)
     return pope.pope_metrics(answers, [q.label for q in qs])
+
+
+def _is_llava_question_file(path: Path) -> bool:
+    """LLaVA's ``llava_pope_test.jsonl`` carries each question's split as ``category`` (no label)."""
+    from mmeff_lab.evaluation._io import iter_json_lines
+
+    first = next(iter(iter_json_lines(path)), None)
+    return first is not None and "category" in first[1] and "label" not in first[1]
 
 
 def _ground_truth(annotations: Path | None, data: str, predictions: Path) -> dict[int, frozenset[str]]:
@@ -121,7 +131,10 @@ def score_mme(predictions: Path) -> dict[str, Any]:
 
 def _show(benchmark: str, scores: dict[str, Any]) -> None:
     table = Table("metric", "value", title=f"{benchmark} scores")
-    if benchmark == "pope":
+    if benchmark == "pope" and "splits" in scores:  # LLaVA's answer file: one block per split, as eval_pope.py
+        keys = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n", "non_yes_no")
+        rows = {f"{split} {k}": m[k] for split, m in scores["splits"].items() for k in keys}
+    elif benchmark == "pope":
         rows = {k: scores[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "n", "non_yes_no")}
     elif benchmark == "chair":
         rows = scores["overall_metrics"]
@@ -136,7 +149,7 @@ def _show(benchmark: str, scores: dict[str, Any]) -> None:
     if benchmark == "mme":
         for total, why in scores["totals_missing"].items():
             Console(stderr=True).print(f"note: no MME {total} total: {why}", highlight=False)
-    if benchmark == "pope" and scores["non_yes_no"]:
+    if benchmark == "pope" and scores.get("non_yes_no"):
         Console(stderr=True).print(f"note: {scores['non_yes_no']} of {scores['n']} answers say neither yes nor no; "
                                    "the official rule scores them as yes", highlight=False)
 
@@ -144,7 +157,8 @@ def _show(benchmark: str, scores: dict[str, Any]) -> None:
 def score_command(
     benchmark: str = typer.Argument(..., help="pope, chair or mme"),
     predictions: Path = typer.Option(..., "--predictions", help="Answers / captions file (MME: folder or file)."),
-    questions: str = typer.Option("random", "--questions", help="POPE: question file, or random|popular|adversarial."),
+    questions: str = typer.Option("random", "--questions", help="POPE: random|popular|adversarial, a question "
+                                  "file, or LLaVA's llava_pope_test.jsonl (per-split metrics)."),
     annotations: Path | None = typer.Option(None, "--annotations", help="CHAIR ground truth (file or COCO folder)."),
     data: str = typer.Option("auto", "--data", help="auto (the benchmark whose ids the predictions match), coco, "
                              "synthetic or a benchmark folder."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,6 +154,42 @@ def _positional_answers(path: str | Path, records: list[tuple[int, dict]], quest
             raise DataError(path, f"answer {lineno} is to {asked!r}, but question {lineno} of the question file is "
                                   f"{q.text!r} (answers must follow the question file's order)", lineno)
         out.append(require(path, lineno, obj, "answer", str))
+    return out
+
+
+def score_llava_answers(answers_path: str | Path, questions_path: str | Path) -> dict[str, dict[str, float]]:
+    """Per-split metrics of an answer file of LLaVA's POPE evaluation (``{question_id, text}`` lines; ids 1..3000
+    adversarial, 10000001.. random, 20000001.. popular) with its question file (``llava_pope_test.jsonl``:
+    ``{question_id, image, text, category}``), the way LLaVA's ``eval_pope.py`` pairs them: per category, the
+    answers in file order against the labels of ``coco_pope_<category>.json`` in order (the shipped files). Each
+    pair's image must agree, so a misaligned file is an error, not a silent score."""
+    asked: dict[int, dict[str, Any]] = {}
+    for lineno, obj in iter_json_lines(questions_path):
+        qid = require(questions_path, lineno, obj, "question_id", int)
+        category = require(questions_path, lineno, obj, "category", str)
+        if f"pope_{category}" not in POPE_SPLITS:
+            raise DataError(questions_path, f"category {category!r} is not a POPE split", lineno)
+        asked[qid] = {"category": category, "image": require(questions_path, lineno, obj, "image", str)}
+    by_split: dict[str, list[tuple[int, str, str]]] = {}
+    for lineno, obj in iter_json_lines(answers_path):
+        qid = require(answers_path, lineno, obj, "question_id", int)
+        if qid not in asked:
+            raise DataError(answers_path, f"question_id {qid} is not in {questions_path}", lineno)
+        by_split.setdefault(f"pope_{asked[qid]['category']}", []).append(
+            (lineno, asked[qid]["image"], require(answers_path, lineno, obj, "text", str)))
+    if not by_split:
+        raise DataError(answers_path, "no answers")
+    out: dict[str, dict[str, float]] = {}
+    for split in (s for s in POPE_SPLITS if s in by_split):
+        labels = load_split(split)
+        got = by_split[split]
+        if len(got) != len(labels):
+            raise DataError(answers_path, f"{len(got)} answers for the {len(labels)} questions of {split}")
+        for (lineno, image, _), q in zip(got, labels):
+            if image != q.image:
+                raise DataError(answers_path, f"answer {lineno} ({split}) is about {image}, but question "
+                                              f"{q.line} of the official {split} file is about {q.image}", lineno)
+        out[split] = pope_metrics([t for _, _, t in got], [q.label for q in labels])
     return out
 
 
