@@ -155,7 +155,8 @@ def test_llava_answer_and_question_files(tmp_path):
     assert got.keys() == want.keys()
     for split in want:
         assert got[split] == pytest.approx(want[split])
-    qlines[0]["image"], qlines[1]["image"] = qlines[1]["image"], qlines[0]["image"]  # misaligned: refused
+    other = next(i for i, x in enumerate(qlines) if x["image"] != qlines[0]["image"])
+    qlines[0]["image"], qlines[other]["image"] = qlines[other]["image"], qlines[0]["image"]  # misaligned: refused
     qfile.write_text("".join(json.dumps(x) + "\n" for x in qlines))
     result = runner.invoke(app, ["score", "pope", "--predictions", str(afile), "--questions", str(qfile)])
     assert result.exit_code == 2 and "answer 1 (pope_adversarial) is about" in result.output
