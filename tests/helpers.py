@@ -41,6 +41,14 @@ def greedy_recompute(
     return ids, logits
 
 
+def assert_same_generation(got: Any, want: Any, atol: float = 1e-4) -> None:
+    """Two ``generate`` outputs (``output_logits``, ``return_dict_in_generate``): the same tokens, logits within
+    ``atol``."""
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=atol, atol=atol)
+
+
 def method_data(handle: Any, index: int = 0) -> Any:
     """The per-generation ``Data`` of the handle's ``index``-th method in its current state."""
     return handle.pipeline.methods[index].data(handle.pipeline.state)

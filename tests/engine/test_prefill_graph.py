@@ -17,8 +17,8 @@ import mmeff
 from mmeff.engine.prefill_graph import Mismatch, copy_into, fork
 from mmeff.engine.state import Group
 from mmeff.families.prompt import make_inputs
-from mmeff_lab.models.factory import FAMILIES, load_tiny, random_image
-from tests.helpers import SIZES, batch
+from mmeff_lab.models.factory import load_tiny, random_image
+from tests.helpers import SIZES, assert_same_generation, batch
 
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
 PRESETS = ["none", "fastv", "fastv-90", "vflowopt-90"]
@@ -45,18 +45,6 @@ def eager(model, preset, inputs):
         return model.generate(**inputs, **GEN), model(**inputs).logits
 
 
-def assert_same(got, want, atol: float = 1e-4) -> None:
-    assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.logits, want.logits):
-        torch.testing.assert_close(a, b, rtol=atol, atol=atol)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request, tiny_model_dir):
-    model, processor = load_tiny(tiny_model_dir(request.param), attn_implementation="sdpa")
-    return request.param, model, processor
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("preset", PRESETS)
 def test_replays_equal_the_eager_wrapper(family_model, preset):
@@ -70,7 +58,7 @@ def test_replays_equal_the_eager_wrapper(family_model, preset):
         modes = []
         for i in range(4):  # generate: eager, captured, then replays on new inputs of the same shape
             x = i % 2
-            assert_same(model.generate(**(first, second)[x], **GEN), want[x][0])
+            assert_same_generation(model.generate(**(first, second)[x], **GEN), want[x][0])
             modes.append(handle.stats["prefill_graph"])
         for i in range(3):  # plain forwards (another signature: no cache, all logits)
             x = (i + 1) % 2
@@ -167,7 +155,7 @@ def test_cuda_graph_prefill_equals_eager(tiny_model_dir, family, preset):
         modes = []
         for i in range(4):
             x = i % 2
-            assert_same(model.generate(**(first, second)[x], **GEN), want[x][0], atol=1e-3)
+            assert_same_generation(model.generate(**(first, second)[x], **GEN), want[x][0], atol=1e-3)
             modes.append(handle.stats["prefill_graph"])
         for i in range(3):
             x = (i + 1) % 2

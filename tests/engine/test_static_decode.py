@@ -15,8 +15,8 @@ import torch
 import mmeff
 from mmeff.engine.cache import SlotLayer, find_cache
 from mmeff.errors import MmeffError
-from mmeff_lab.models.factory import FAMILIES, load_tiny
-from tests.helpers import batch
+from mmeff_lab.models.factory import load_tiny
+from tests.helpers import assert_same_generation, batch
 
 GEN = dict(max_new_tokens=7, min_new_tokens=7, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -31,18 +31,6 @@ def generate(model, inputs, preset: str, static: bool | None, reserve: int = 2) 
         runs = handle.pipeline.state.static_run if handle.pipeline.state else None
         info = {"run": runs, "stats": handle.stats}
     return out, info
-
-
-def assert_same_generation(got, want, atol: float = 1e-4) -> None:
-    assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.logits, want.logits):
-        torch.testing.assert_close(a, b, rtol=atol, atol=atol)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request, tiny_model_dir):
-    model, processor = load_tiny(tiny_model_dir(request.param), attn_implementation="sdpa")
-    return request.param, model, processor
 
 
 @torch.no_grad()
