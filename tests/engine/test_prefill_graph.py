@@ -70,10 +70,16 @@ def test_replays_equal_the_eager_wrapper(family_model, preset):
     assert modes[2] == modes[3] == modes[6] == f"{level}replayed"
 
 
-@torch.no_grad()
-def test_replay_hands_out_its_own_cache_and_outputs(tiny_model_dir):
+@pytest.fixture(scope="module")
+def llava(tiny_model_dir):
+    """(tiny SDPA LLaVA, its left-padded multi-image batch) for the single-family tests."""
     model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
-    inputs = batch(processor, "llava")
+    return model, batch(processor, "llava")
+
+
+@torch.no_grad()
+def test_replay_hands_out_its_own_cache_and_outputs(llava):
+    model, inputs = llava
     with mmeff.wrap(model, "fastv") as handle:
         handle.pipeline.enable_prefill_graphs(capture=False)
         graphs = handle.pipeline.prefill_graphs
@@ -91,9 +97,8 @@ def test_replay_hands_out_its_own_cache_and_outputs(tiny_model_dir):
 
 
 @torch.no_grad()
-def test_least_recently_used_signatures_are_dropped(tiny_model_dir):
-    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
-    inputs = batch(processor, "llava")
+def test_least_recently_used_signatures_are_dropped(llava):
+    model, inputs = llava
     with mmeff.wrap(model, "none") as handle:
         handle.pipeline.enable_prefill_graphs(capture=False)
         graphs = handle.pipeline.prefill_graphs
@@ -106,9 +111,8 @@ def test_least_recently_used_signatures_are_dropped(tiny_model_dir):
 
 
 @torch.no_grad()
-def test_unsupported_arguments_stay_eager_with_the_reason(tiny_model_dir):
-    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
-    inputs = batch(processor, "llava")
+def test_unsupported_arguments_stay_eager_with_the_reason(llava):
+    model, inputs = llava
     with mmeff.wrap(model, "none") as handle:
         handle.pipeline.enable_prefill_graphs(capture=False)
         for _ in range(3):
@@ -118,8 +122,8 @@ def test_unsupported_arguments_stay_eager_with_the_reason(tiny_model_dir):
                                                                  "hidden states")
 
 
-def test_cuda_graphs_refuse_methods_with_extra_forwards(tiny_model_dir):
-    model, _ = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+def test_cuda_graphs_refuse_methods_with_extra_forwards(llava):
+    model, _ = llava
     with mmeff.wrap(model, "vcd") as handle, pytest.raises(mmeff.MmeffError, match="not graphable"):
         handle.pipeline.enable_prefill_graphs(capture=False)
 
@@ -167,11 +171,10 @@ def test_cuda_graph_prefill_equals_eager(tiny_model_dir, family, preset):
 
 
 @torch.no_grad()
-def test_a_refused_whole_forward_capture_falls_back_to_decoder_graphs(tiny_model_dir, monkeypatch):
+def test_a_refused_whole_forward_capture_falls_back_to_decoder_graphs(llava, monkeypatch):
     """CUDA refuses a capture that reads the device (a host sync): that signature's whole forward stays eager,
     with the reason, and the decoder alone is captured and replayed beneath it."""
-    model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
-    inputs = batch(processor, "llava")
+    model, inputs = llava
     _, want = eager(model, "vflowopt-90", inputs)
     with mmeff.wrap(model, "vflowopt-90") as handle:
         handle.pipeline.enable_prefill_graphs(capture=False)
@@ -194,8 +197,8 @@ def test_a_refused_whole_forward_capture_falls_back_to_decoder_graphs(tiny_model
     assert modes[2].startswith("decoder replayed;") and modes[3].startswith("decoder replayed;") and refused in modes[3]
 
 
-def test_cuda_graphs_values(tiny_model_dir):
-    model, _ = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+def test_cuda_graphs_values(llava):
+    model, _ = llava
     with pytest.raises(mmeff.MmeffError, match=r"cuda_graphs must be False, True / 'decode' or 'all', got 'yes'"):
         mmeff.wrap(model, "none", cuda_graphs="yes")
     with pytest.raises(mmeff.MmeffError, match="one CUDA device"):  # on a CPU model, before anything is attached
