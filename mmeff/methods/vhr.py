@@ -11,7 +11,9 @@ reinforcement chosen for layers < l in both streams ("layer by layer")::
     reinforce_h = not outlier_h  and  VHD_h > median_h(VHD)
     o_h <- alpha * o_h for reinforced heads (alpha = 2), in prefill and every decode step
 
-per sample, on the configured layers (LLaVA-1.5: 1 and 18..31). Reinforcement is a head-output scale, so the
+per sample, on the configured layers (LLaVA-1.5: 1 and 18..31, the only layers the paper gives). A model without
+layers (Qwen2-VL / Qwen2.5-VL) is refused unless ``layers`` are passed or ``all_layers`` asks for every layer
+(our extension, not the paper). Reinforcement is a head-output scale, so the
 attention itself stays SDPA. Cost: one extra prefill of the no-image prompt (text only, so shorter), reported
 as ``handle.stats["vhr_extra_ms"]``.
 """
@@ -35,8 +37,9 @@ from mmeff.methods._halluc import text_only_inputs
 class VHRConfig(MethodConfig):
     method = "vhr"
     alpha: float = 2.0
-    layers: tuple[int, ...] | None = None  # 0-based decoder layers; None: all
+    layers: tuple[int, ...] | None = None  # 0-based decoder layers; None: none given (refused unless all_layers)
     layers_of: int = 0  # decoder depth ``layers`` are written for (scaled to the model's depth); 0: absolute
+    all_layers: bool = False  # our extension: reinforce every layer of a model the paper gives no layers for
 
 
 def effective_layers(config: VHRConfig, n_layers: int) -> tuple[int, ...] | None:
@@ -80,6 +83,12 @@ class VHR(Method):
 
     def validate(self, n_layers: int) -> None:
         c = self.config
+        if c.layers is None and not c.all_layers:
+            raise ConfigError("vhr: no layers for this model: the paper gives them for LLaVA-1.5 only (1, 18..31 of "
+                              "32); pass layers=[...] (0-based), or all_layers=true for every layer (our extension, "
+                              "not the paper)")
+        if c.layers is not None and c.all_layers:
+            raise ConfigError("vhr: give layers or all_layers, not both")
         layers = effective_layers(c, n_layers)
         if layers is not None and not all(0 <= i < n_layers for i in layers):
             raise ConfigError(f"vhr: layers {list(layers)} outside [0, {n_layers - 1}]")

@@ -3,6 +3,7 @@ model, batched left-padded runs, SDPA path equals the eager path."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -93,8 +94,8 @@ def test_vhd_outlier_rule_and_dual_stream_and_logit_rules():
 
 
 # -- neutral settings equal the unwrapped model; SDPA == eager -------------------------------------------
-NEUTRAL = [("var", dict(p=1.0, tau=0.5)), ("vhr", dict(alpha=1.0, layers=None)), ("fia", dict(alpha=0.0, beta=0.0)),
-           ("pai", dict(alpha=0.0, gamma=1.0)), ("vcd", dict(alpha=0.0))]
+NEUTRAL = [("var", dict(p=1.0, tau=0.5)), ("vhr", dict(alpha=1.0, layers=None, all_layers=True)),
+           ("fia", dict(alpha=0.0, beta=0.0)), ("pai", dict(alpha=0.0, gamma=1.0)), ("vcd", dict(alpha=0.0))]
 
 
 @torch.no_grad()
@@ -243,3 +244,22 @@ def test_var_refuses_sink_dims_of_another_language_model(tiny_model_dir):
     expected = r"no sink dimensions for this 64-wide decoder \(known for widths \['4096'\]"
     with pytest.raises(mmeff.ConfigError, match=expected):
         mmeff.wrap(model, "var")  # the preset's LLaMA-2-7B dims on a 64-wide decoder
+
+
+def test_vhr_needs_layers_where_the_paper_gives_none(tiny_model_dir):
+    """The paper gives VHR's layers for LLaVA-1.5 only: on Qwen families `vhr` is refused unless layers are
+    passed, or every layer is asked for (our extension, labelled as such)."""
+    model, _ = load_tiny(tiny_model_dir("qwen2_vl"), attn_implementation="sdpa")
+    with pytest.raises(mmeff.ConfigError, match=r"the paper gives them for LLaVA-1\.5 only"):
+        mmeff.wrap(model, "vhr")
+    assert mmeff.handle_of(model) is None
+    with mmeff.wrap(model, "vhr", all_layers=True) as handle:
+        assert handle.pipeline.methods[0].active == set(range(len(handle.pipeline.adapter.layers)))
+    preset = Path(__file__).resolve().parents[2] / "benchmarks" / "presets" / "vhr-all-layers.toml"
+    with mmeff.wrap(model, str(preset)) as handle:
+        assert handle.configs[0].all_layers
+    with pytest.raises(mmeff.ConfigError, match="not both"):
+        mmeff.wrap(model, "vhr", layers=(1,), all_layers=True)
+    llava, _ = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+    with mmeff.wrap(llava, "vhr") as handle:  # the paper's layers, scaled to the tiny depth
+        assert handle.pipeline.methods[0].active and not handle.configs[0].all_layers
