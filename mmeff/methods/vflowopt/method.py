@@ -164,6 +164,7 @@ class _Plan:
     span_map: torch.Tensor  # [B, N] packed image of each prunable position (-1 elsewhere)
     span_of: list[int]  # per packed image: its image index (order of the tower's units)
     counts: list[int]  # per packed image: non-layout tokens
+    low: list[int]  # per packed image: tokens that leave at the input stage (low_counts)
     cells: list[int]  # per packed image: recycling cells
     sample: list[int]  # per packed image: its sample
     other: list[int]  # per sample: prompt slots that are not prunable visual tokens
@@ -279,14 +280,15 @@ class VFlowOpt(Method):
         return _Plan(
             torch.cat(b_of).to(dev), torch.cat(pos).to(dev), unit_t.to(dev), cell.to(dev),
             (torch.tensor(counts, device=dev), torch.tensor(low, device=dev)), span_map.to(dev),
-            span_of, counts, cells, sample, other,
+            span_of, counts, low, cells, sample, other,
         )
 
-    def _longest(self, plan: _Plan, bound: list[int]) -> int:
+    def _slots(self, plan: _Plan, bound: list[int]) -> list[int]:
+        """Per sample: the most prompt slots it can hold, given each image's bound."""
         per_sample = list(plan.other)
         for k, b in zip(bound, plan.sample):
             per_sample[b] += k
-        return max(per_sample)
+        return per_sample
 
     # -- decoder ------------------------------------------------------------------------------------------
     def select(self, layer: int, state: State, hidden: torch.Tensor) -> Any:
@@ -315,10 +317,10 @@ class VFlowOpt(Method):
         data.scores, data.span_map, data.n_images = full, plan.span_map, len(plan.counts)
         # kept per image: N - low + (cells with a low member) <= N - low + min(low, cells): a bound from the host,
         # exact when every cell lost a member (fill slots cover the rest, see engine.state.select)
-        low = low_counts(plan.counts, self.r_v, c.m, c.recycle)
-        data.bound = [n - lo + (min(lo, k) if c.recycle else 0) for n, lo, k in zip(plan.counts, low, plan.cells)]
-        exact = not c.recycle and len(set(plan.other)) == 1
-        return Kept(keep, new_hidden, longest=self._longest(plan, data.bound), uniform=exact)
+        data.bound = [n - lo + (min(lo, k) if c.recycle else 0) for n, lo, k in zip(plan.counts, plan.low, plan.cells)]
+        slots = self._slots(plan, data.bound)
+        # without recycling the bound is the count itself: no fill slot when every sample keeps as many
+        return Kept(keep, new_hidden, longest=max(slots), uniform=not c.recycle and len(set(slots)) == 1)
 
     def _llm_stage(self, state: State, ratio: float) -> Kept | None:
         """Per image, drop the ``round(n (1 - ratio))`` lowest of its n prunable slots (ties: the earlier)."""
@@ -337,7 +339,7 @@ class VFlowOpt(Method):
         keep = (rank_in_group(scores, span, count) >= n_drop[span]).view(g.index.shape)
         # n - round(n (1 - ratio)) grows with n: the bound of what each image keeps follows from its bound before
         data.bound = [k - round(k * (1.0 - ratio)) for k in data.bound]
-        return Kept(keep, longest=self._longest(data.plan, data.bound))
+        return Kept(keep, longest=max(self._slots(data.plan, data.bound)))
 
 
 register_method(VFlowOptConfig, VFlowOpt)
