@@ -46,12 +46,6 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
     return bool(root is not None and (root.obj or {}).get("debug"))
 
 
-def fail(message: str) -> None:
-    """Print ``error: message`` on stderr and exit 2 (the one way a command reports an expected failure)."""
-    click.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
 class FriendlyGroup(TyperGroup):
     """Runs a command; turns what escapes it into one line on stderr with exit code 2 (see the module doc)."""
 

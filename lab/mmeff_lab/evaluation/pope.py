@@ -100,20 +100,21 @@ def resolve_images(questions: Sequence[Question], image_dir: str | Path,
     return kept, paths, skipped
 
 
+def _first_clause(text: str) -> str:
+    """The part of an answer LLaVA's parser reads: the text before the first '.', without commas."""
+    return text.split(".")[0].replace(",", "")
+
+
 def parse_answer(text: str) -> str:
     """LLaVA's POPE parser: "yes" or "no"."""
-    if text.find(".") != -1:
-        text = text.split(".")[0]
-    words = text.replace(",", "").split(" ")
+    words = _first_clause(text).split(" ")
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
 def is_yes_or_no(text: str) -> bool:
     """Whether an answer says yes or no at all (in the part :func:`parse_answer` reads). The official rule scores
     any other answer ("maybe", "42", "") as yes; we keep the rule and count them (``non_yes_no``)."""
-    if text.find(".") != -1:
-        text = text.split(".")[0]
-    words = {w.strip("!?\"'()[]:;").lower() for w in text.replace(",", "").split()}
+    words = {w.strip("!?\"'()[]:;").lower() for w in _first_clause(text).split()}
     return bool(words & {"yes", "no", "not"})
 
 
