@@ -25,9 +25,13 @@ def reference_scores(model, inputs, k: int, query: str) -> torch.Tensor:
     return torch.einsum("bqk,bq->bk", att, w) / w.sum(1, keepdim=True)
 
 
-@pytest.mark.parametrize("k,ratio,query", [(2, 0.5, "all"), (1, 0.75, "last")])
+@pytest.mark.parametrize("preset,k,ratio,query", [
+    ("fastv", 2, 0.5, "all"),            # the paper's text
+    ("fastv-released", 2, 0.5, "last"),  # the released code's ranking, as a preset
+    (None, 1, 0.75, "last"),             # any overrides
+])
 @torch.no_grad()
-def test_fastv_generate_equals_slow_reference(models, k, ratio, query):
+def test_fastv_generate_equals_slow_reference(models, preset, k, ratio, query):
     family, eager, sdpa, processor = models
     inputs = batch(processor, family)
     adapter = adapter_for(eager)
@@ -47,7 +51,8 @@ def test_fastv_generate_equals_slow_reference(models, k, ratio, query):
     ref_ids, ref_logits = reference_generate(eager, inputs, dropped, k, steps)
 
     for model in (eager, sdpa):
-        with mmeff.wrap(model, "fastv", k=k, ratio=ratio, query=query) as handle:
+        overrides = {} if preset else {"k": k, "ratio": ratio, "query": query}
+        with mmeff.wrap(model, preset or "fastv", **overrides) as handle:
             out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
                                  output_logits=True, return_dict_in_generate=True)
         assert torch.equal(out.sequences, ref_ids), family
