@@ -14,16 +14,16 @@ triton_kv = pytest.importorskip("mmeff.kernels.kv_quant.triton")
 from tests.kernels.test_kv_quant import TOL, rel_err  # noqa: E402
 
 
-def _quantized_part(b, hkv, t, m, d, bits, dtype, pad=3):
+def _quantized_part(b, hkv, t, m, d, bits, dtype, pad=3, quantizer="kivi"):
     """A ZipVL part: ``m`` of ``t`` block tokens quantized (the last ``pad`` entries of sample 0: padding)."""
     import mmeff.kernels.kv_quant as kvq
 
     k = (torch.randn(b, hkv, t, d, device="cuda") * torch.rand(d, device="cuda") * 3).to(dtype)
-    v = torch.randn(b, hkv, t, d, device="cuda").to(dtype)
+    v = (torch.randn(b, hkv, t, d, device="cuda") * torch.rand(d, device="cuda") * 2).to(dtype)
     index = torch.stack([torch.randperm(t, device="cuda")[:m].sort().values for _ in range(b)])
     index[0, m - pad:] = t
     at = torch.where(index < t, index, 0)
-    keys, values = kvq.quantize_kv(k, bits, 32, "channel", at), kvq.quantize_kv(v, bits, 32, "token", at)
+    keys, values = kvq.quantize_key_value(k, v, bits, 32, quantizer, at, kvq.block_scales(k, v, quantizer))
     return keys, values, index.to(torch.int32)
 
 
@@ -31,9 +31,11 @@ def _quantized_part(b, hkv, t, m, d, bits, dtype, pad=3):
 @pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])
 @pytest.mark.parametrize("shape", [(1, 32, 32, 5000, 4100, 128), (3, 28, 4, 777, 600, 128), (2, 8, 8, 70, 33, 64)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_quantized_decode_attention_matches_reference(dtype, bits, shape, with_bias):
+@pytest.mark.parametrize("quantizer", ["kivi", "zipcache"])
+def test_quantized_decode_attention_matches_reference(dtype, bits, shape, with_bias, quantizer):
     """Fused split-K dequant-attention over two packed parts plus the merge kernel with a full-precision
-    buffer = dequantize, then attend (GQA, padding tokens, hidden columns, >64 partials)."""
+    buffer = dequantize, then attend (GQA, padding tokens, hidden columns, >64 partials); KIVI's groups and
+    ZipCache's layout (whole-part key rows, channel-separable values with their normalisers)."""
     from mmeff.kernels.quant_attention import Segment
     from mmeff.kernels.quant_attention import reference as qa_ref
     from mmeff.kernels.quant_attention import triton as qa_tri
@@ -46,7 +48,8 @@ def test_quantized_decode_attention_matches_reference(dtype, bits, shape, with_b
         bias[:, : t // 5] = float("-inf")  # left padding
     parts = []
     for i, nbits in enumerate(bits):
-        keys, values, index = _quantized_part(b, hkv, t, m // (i + 1), d, nbits, dtype)
+        keys, values, index = _quantized_part(b, hkv, t, m // (i + 1), d, nbits, dtype, quantizer=quantizer)
+        assert qa_tri.supports(keys, values)
         parts.append(Segment(keys, values, index, t, None if bias is None else bias[:, :t]))
     q = torch.randn(b, hq, d, device="cuda").to(dtype)
     k_buf = torch.randn(b, hkv, 37, d, device="cuda").to(dtype)
@@ -64,7 +67,8 @@ def test_quantized_decode_attention_matches_reference(dtype, bits, shape, with_b
 
 
 @pytest.mark.parametrize("tokens", [16384, 65536])
-def test_quantized_decode_attention_timing(tokens):
+@pytest.mark.parametrize("quantizer", ["kivi", "zipcache"])
+def test_quantized_decode_attention_timing(tokens, quantizer):
     """Report-only: one decode step's attention over a 7B layer (32 heads x 128) holding ``tokens`` tokens —
     fp16 SDPA over the full-precision cache, the materialised path (dequantize the parts, then SDPA) and the
     fused kernels over a 4-bit half + 2-bit half (+ a 64-token buffer) — against the HBM bytes floor."""
@@ -74,7 +78,8 @@ def test_quantized_decode_attention_timing(tokens):
 
     dtype, d, h = torch.float16, 128, 32
     half = tokens // 2
-    parts = [Segment(*_quantized_part(1, h, tokens, half, d, bits, dtype, pad=0), tokens, None) for bits in (4, 2)]
+    parts = [Segment(*_quantized_part(1, h, tokens, half, d, bits, dtype, pad=0, quantizer=quantizer), tokens, None)
+             for bits in (4, 2)]
     q = torch.randn(1, h, d, device="cuda", dtype=dtype)
     k = torch.randn(1, h, tokens, d, device="cuda", dtype=dtype)
     v = torch.randn_like(k)
@@ -103,12 +108,12 @@ def test_quantized_decode_attention_timing(tokens):
 
     bw = 4.8e12 if "H200" in torch.cuda.get_device_name() else 3.35e12
     fp_bytes = 2 * k.numel() * 2
-    q_bytes = sum(p.keys.nbytes() + p.values.nbytes() + p.index.numel() * 4 for p in parts)
+    q_bytes = sum(p.keys.nbytes() + p.values.nbytes() + p.index.numel() * 4 for p in parts)  # what the kernel reads
     rows = {"sdpa fp16": (sdpa, fp_bytes), "dequantize+sdpa": (materialised, q_bytes + 2 * fp_bytes),
             "fused 4/2-bit": (fused, q_bytes)}
     for name, (fn, nbytes) in rows.items():
         ms = timed(fn)
         floor = nbytes / bw * 1e3
-        print(f"decode attention {tokens} tokens, {name}: {ms:.3f} ms, bytes floor {floor:.3f} ms "
+        print(f"decode attention {tokens} tokens ({quantizer}), {name}: {ms:.3f} ms, bytes floor {floor:.3f} ms "
               f"({floor / ms:.0%} of peak)")
         assert ms > 0

@@ -46,6 +46,26 @@ def test_important_set_is_smallest_set_reaching_tau(tau):
         assert scores[0][got].sum().item() >= tau * total - 1e-6
 
 
+@pytest.mark.parametrize("tau", [0.5, 0.8, 0.975])
+def test_important_set_counts_on_accumulated_mass(tau):
+    """``ratio_mass="accumulated"``: p = the smallest count whose *accumulated* mass reaches tau of its total
+    (brute force over subsets), and the p kept are the highest *normalized* scores."""
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(30):
+        n = 7
+        acc = torch.rand(1, n, generator=gen) ** 2
+        norm = acc / torch.arange(n, 0, -1)  # accumulated / rows that see the key: a different order
+        cand = torch.rand(1, n, generator=gen) > 0.2
+        cand[0, 1] = True
+        got = important_set(norm, cand, tau, mass=acc)[0]
+        idx = cand[0].nonzero().flatten().tolist()
+        total = acc[0, idx].sum().item()
+        p = min(len(sub) for r in range(len(idx) + 1) for sub in itertools.combinations(idx, r)
+                if acc[0, list(sub)].sum().item() >= tau * total - 1e-6)
+        want = sorted(idx, key=lambda j: (-norm[0, j].item(), j))[:p]
+        assert got.nonzero().flatten().tolist() == sorted(want)
+
+
 def test_choose_probes_counts_and_recent_window():
     real = torch.ones(2, 40, dtype=torch.bool)
     real[1, :10] = False  # left padding
@@ -156,6 +176,39 @@ def test_cache_layer_bytes_and_blocks():
     assert len(layer.blocks) == 2 and layer.keys.shape[-2] == 1
 
 
+@pytest.mark.parametrize("quantizer", ["zipcache", "cst", "kivi"])
+def test_cache_layer_counts_every_stored_byte(quantizer):
+    """``nbytes`` of a compressed layer = the bytes of its codes, parameters, indices and buffer, by formula:
+    KIVI's fp32 (scale, offset) per 16-group; ZipCache's per (sample, head, channel) for keys and per (sample,
+    token) for values, plus the block's channel normalisers counted once although both parts hold them."""
+    b, h, t, d, g = 2, 2, 40, 16, 16
+    layer = ZipVLCacheLayer(ZipVLConfig(hi_bits=4, lo_bits=2, group_size=g, quantizer=quantizer))
+    k, v = torch.randn(b, h, t, d), torch.randn(b, h, t, d)
+    layer.update(k, v)
+    imp = torch.zeros(b, t, dtype=torch.bool)
+    imp[0, :10] = True
+    imp[1, 25:] = True  # 10 / 15 important: parts of 15 (hi) and 30 (lo) rows, ragged rows padded
+    layer.compress(imp)
+    want = 0
+    for bits, m in ((4, 15), (2, 30)):
+        mp = m + (-m % g)  # key rows padded to the tile
+        cst = m * d * bits // 8 * b * h + 2 * 4 * b * m  # codes, per-token (scale, offset) in fp32
+        want += b * m * 4  # int32 token indices
+        if quantizer == "kivi":
+            want += mp * bits // 8 * b * h * d + 2 * 4 * b * h * d * (mp // g)
+            want += m * d * bits // 8 * b * h + 2 * 4 * b * h * m * (d // g)
+        elif quantizer == "zipcache":
+            want += mp * bits // 8 * b * h * d + 2 * 4 * b * h * d + cst
+        else:
+            want += 2 * cst
+    want += {"kivi": 0, "zipcache": 1, "cst": 2}[quantizer] * 4 * b * h * d  # normalisers, once per block
+    assert layer.nbytes() == want
+    full_k, full_v = layer.full()
+    for got, x in ((full_k, k), (full_v, v)):  # hi tokens more exact than lo tokens
+        err = (got - x).abs()
+        assert err[0, :, :10].mean() < err[0, :, 10:].mean()
+
+
 def test_decode_attention_over_parts_and_buffer_is_exact():
     """Split-K decode: the (out, lse) partials of a block's parts (tokens in any order, padding entries in the
     dummy column) and the full-precision buffer merge into softmax attention over every key (GQA, hidden
@@ -229,65 +282,83 @@ def test_lossless_setting_equals_unwrapped_and_quantized_generate_runs(family_mo
     assert 0 < kv < 0.4 * fp_bytes  # 4/2-bit codes plus scales, offsets and token indices
 
 
+def independent_keep(probs: torch.Tensor, real: torch.Tensor, tau: float, mass: str) -> torch.Tensor:
+    """ZipVL's kept set from a layer's eager attention probabilities [B, H, L, L] with every real row a probe
+    (``probe_ratio=1``, ``recent_share=0``: the last real token is the recent window), written from the paper's
+    formulas without the implementation: normalized score = attention received (mean over heads, summed over
+    real rows) / number of real rows at or after the key; ``p`` = smallest count whose sorted mass (normalized
+    or accumulated) reaches tau of the total; keep the ``p`` highest normalized scores and the last real token."""
+    b, _, n, _ = probs.shape
+    keep = torch.zeros(b, n, dtype=torch.bool)
+    for i in range(b):
+        rows = real[i].nonzero().flatten().tolist()
+        acc = {j: sum(probs[i, :, r, j].double().mean().item() for r in rows) for j in rows}
+        norm = {j: acc[j] / sum(1 for r in rows if r >= j) for j in rows}
+        by_norm = sorted(rows, key=lambda j: (-norm[j], j))
+        a = norm if mass == "normalized" else acc
+        values = sorted((a[j] for j in rows), reverse=True)
+        total, run, p = sum(values), 0.0, 0
+        while p < len(values) and run < tau * total * (1 - 1e-9):
+            run += values[p]
+            p += 1
+        for j in [*by_norm[:p], rows[-1]]:
+            keep[i, j] = True
+    return keep
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("single", [False, True])
-def test_sparse_prefill_equals_masked_reference(tiny_model_dir, single):
-    """With 16-bit storage, sparse prefill = dense attention in which every query row sees only the important
-    keys, and unimportant rows get a zero attention output (one family: the identity is family-independent).
-    ``single``: one unpadded sample, the index_select / index_copy path with SDPA's implicit causal mask."""
-    family = "llava"
-    model, processor = load_tiny(tiny_model_dir(family), attn_implementation="sdpa")
+@pytest.mark.parametrize(("single", "mass", "queries"), [
+    (False, "normalized", "important"), (True, "normalized", "important"), (False, "accumulated", "all"),
+])
+def test_sparse_prefill_equals_reference_with_independent_importance(tiny_model_dir, single, mass, queries):
+    """With 16-bit storage, ZipVL's prefill logits = a reference in which each layer's kept set comes from that
+    layer's own eager attention probabilities (``independent_keep``, not the implementation's probe kernel or
+    ratio rule), then, in the same layer: ``sparse_queries="important"`` — kept rows attend to the kept keys
+    only, the other rows' attention output is zero; ``"all"`` — every row attends to the kept keys only (a row
+    that sees none: zero). The per-layer kept ratio of ``handle.stats`` is the reference's too. ``single``: one
+    unpadded sample (the index_select / index_copy path)."""
+    family, tau = "llava", 0.8
+    model, processor = load_tiny(tiny_model_dir(family), attn_implementation="eager")
     inputs = batch(processor, family)
     if single:  # the longer, unpadded sample: two images
         inputs = make_inputs(processor, ["what color is the large shape on the left of these two images"],
                              [[random_image(2, SIZES[1]), random_image(3, SIZES[2])]])
         assert inputs["attention_mask"].all()
-    with mmeff.wrap(model, "zipvl", tau=0.8, hi_bits=16, lo_bits=16) as handle:
-        method = handle.pipeline.methods[0]
-        captured = {}
-        orig = method.importance
-
-        def spy(call, st, g, real, layer):
-            imp, recent = orig(call, st, g, real, layer)
-            captured[layer] = (imp | recent).clone()
-            return imp, recent
-
-        method.importance = spy
+    real = inputs["attention_mask"].bool()
+    kw = dict(tau=tau, probe_ratio=1.0, recent_share=0.0, hi_bits=16, lo_bits=16, ratio_mass=mass,
+              sparse_queries=queries)
+    with mmeff.wrap(model, "zipvl", **kw) as handle:
         got = model(**inputs).logits
+        ratios = handle.stats["important_ratio_per_layer"]
     from mmeff.families import adapter_for
 
-    layers = adapter_for(model).layers
-    hooks = []
-    for i, layer in enumerate(layers):
-        attn = adapter_for(model).attention(layer)
+    kept = []
 
-        def pre(module, args, kwargs, i=i):
-            m = kwargs["attention_mask"]
-            keep = captured[i]
-            if single and m is None:  # SDPA's implicit causal mask, made explicit
-                n = keep.shape[1]
-                m = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-            assert m is not None, "the padded batch gives a 4-D mask"
-            eye = torch.eye(m.shape[-1], dtype=torch.bool)[None, None]
-            if m.dtype == torch.bool:
-                kwargs["attention_mask"] = (m & keep[:, None, None, :]) | eye
-            else:
-                m = m.masked_fill(~keep[:, None, None, :], torch.finfo(m.dtype).min)
-                kwargs["attention_mask"] = m.masked_fill(eye, 0.0)
-            return args, kwargs
+    def post(module, args, kwargs, output):
+        probs = output[1]  # eager: the softmax probabilities of the dense layer on this run's hidden states
+        keep = independent_keep(probs, real, tau, mass)
+        kept.append(keep)
+        n = keep.shape[1]
+        m = kwargs.get("attention_mask")
+        if m is None:
+            m = torch.zeros(1, 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        hidden = torch.finfo(m.dtype).min
+        m = m.masked_fill(~keep[:, None, None, :], hidden)
+        rows = keep if queries == "important" else (m > hidden / 2).any(-1)[:, 0]  # rows with an output
+        eye = torch.eye(n, dtype=torch.bool)[None, None] & ~rows[:, None, :, None]  # keeps SDPA finite
+        out = module.forward(*args, **{**kwargs, "attention_mask": m.masked_fill(eye, 0.0)})
+        return (out[0] * rows[..., None].to(out[0].dtype), *out[1:])
 
-        def post(module, args, kwargs, output, i=i):
-            keep = captured[i]
-            return (output[0] * keep[..., None].to(output[0].dtype), *output[1:])
-
-        hooks += [attn.register_forward_pre_hook(pre, with_kwargs=True),
-                  attn.register_forward_hook(post, with_kwargs=True)]
+    hooks = [adapter_for(model).attention(layer).register_forward_hook(post, with_kwargs=True)
+             for layer in adapter_for(model).layers]
     try:
-        want = model(**inputs).logits
+        want = model(**inputs, use_cache=False).logits  # no cache: the hook runs each layer twice
     finally:
         for h in hooks:
             h.remove()
-    real = inputs["attention_mask"].bool()
+    shares = torch.stack([(k & real).sum(1).float().div(real.sum(1)).mean() for k in kept])
+    assert shares.min() > 0 and shares.max() < 1 and shares.min() < 0.95  # really sparse: the test can fail
+    torch.testing.assert_close(torch.tensor(ratios, dtype=torch.float64), shares.double(), rtol=0, atol=1e-6)
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
 
 
@@ -313,13 +384,14 @@ def test_composes_after_fastv(tiny_model_dir):
     assert out.sequences.shape == ref.sequences.shape
 
 
-def assert_fused_decode_matches_reference(model, inputs) -> None:
+def assert_fused_decode_matches_reference(model, inputs, quantizer: str = "zipcache") -> None:
     """Greedy ``generate`` through the decode hook (fused_decode) = through the dequantize-then-SDPA reference,
     across recompressions (every 2 tokens)."""
     gen = {**GEN, "max_new_tokens": 6, "min_new_tokens": 6}
     runs = {}
     for fused in (True, False):
-        with mmeff.wrap(model, "zipvl", tau=0.9, recompress_every=2, group_size=16, fused_decode=fused):
+        with mmeff.wrap(model, "zipvl", tau=0.9, recompress_every=2, group_size=16, fused_decode=fused,
+                        quantizer=quantizer):
             runs[fused] = model.generate(**inputs, **gen)
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     for got, want in zip(runs[True].logits, runs[False].logits):
@@ -347,9 +419,13 @@ def test_presets_resolve_per_family_and_bad_config_is_refused(tiny_model_dir):
         assert (cfg.hi_bits, cfg.lo_bits) == (4, 2) and fast.tau < cfg.tau
     assert resolve("zipvl", "llava")[0].tau == 0.975
     model, _ = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
+    assert (cfg.quantizer, cfg.ratio_mass, cfg.sparse_queries) == ("zipcache", "normalized", "important")
     for bad in ({"tau": 0.0}, {"hi_bits": 3}, {"lo_bits": 8, "hi_bits": 4}, {"group_size": 12}):
         with pytest.raises(mmeff.errors.ConfigError):
             mmeff.wrap(model, "zipvl", **bad)
+    for name in ("quantizer", "ratio_mass", "sparse_queries"):
+        with pytest.raises(mmeff.errors.ConfigError, match=name):
+            mmeff.wrap(model, "zipvl", **{name: "nonsense"})
 
 
 @torch.no_grad()
@@ -370,13 +446,14 @@ def test_cache_is_released_with_the_output(tiny_model_dir):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
-def test_generate_with_fused_decode_equals_materialised_reference(tiny_model_dir):
-    """End to end on CUDA: ``generate`` decoding through the Triton kernel = the dequantize-then-SDPA path
-    (left-padded batch, recompression every 2 tokens)."""
+@pytest.mark.parametrize("quantizer", ["zipcache", "cst", "kivi"])
+def test_generate_with_fused_decode_equals_materialised_reference(tiny_model_dir, quantizer):
+    """End to end on CUDA: ``generate`` decoding through the Triton kernel (the torch reference for CST keys)
+    = the dequantize-then-SDPA path (left-padded batch, recompression every 2 tokens)."""
     from mmeff_lab.models.factory import load_tiny
     from tests.helpers import batch
 
     model, processor = load_tiny(tiny_model_dir("llava"), attn_implementation="sdpa")
     model.to("cuda")
     inputs = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch(processor, "llava").items()}
-    assert_fused_decode_matches_reference(model, inputs)
+    assert_fused_decode_matches_reference(model, inputs, quantizer)

@@ -26,22 +26,28 @@ NUM_WARPS = 2  # benchmarks/quant_decode_kernel.py on the H200)
 
 @triton.jit
 def _part_decode_kernel(
-    q_ptr, kp_ptr, ks_ptr, ko_ptr, vp_ptr, vs_ptr, vo_ptr, idx_ptr, bias_ptr, out_ptr, lse_ptr,
+    q_ptr, kp_ptr, ks_ptr, ko_ptr, vp_ptr, vs_ptr, vo_ptr, cs_ptr, idx_ptr, bias_ptr, out_ptr, lse_ptr,
     M, MP, HQ, GQ, length, bias_stride, blocks_per_split, s_total, s_offset, scaling,
+    ks_row, ks_blk, vs_b, vs_h, vs_t, vs_g,
     D: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, QMAX: tl.constexpr, GK: tl.constexpr,
-    GV: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CS: tl.constexpr,
 ):
-    """A block is one key group (GK tokens), so each key channel has one scale and offset per block:
-    ``q . k_t = sum_d (q_d s_d) code_dt + sum_d q_d o_d``; values keep their channel groups as a tile axis:
-    ``sum_t p_t v_t = sum_t (p_t s_tg) code_tgj + sum_t p_t o_tg``, so scales never expand to element tiles.
-    Packed bytes are loaded as contiguous byte tiles (vectorised) and unpacked along a trailing PER axis."""
+    """A block is GK tokens, within which each key channel has one scale and offset (its KIVI group, or the
+    whole part for ZipCache's per-channel keys: ``ks_blk = 0``): ``q . k_t = sum_d (q_d s_d) code_dt +
+    sum_d q_d o_d``; values keep their channel groups as a tile axis: ``sum_t p_t v_t = sum_t (p_t s_tg)
+    code_tgj + sum_t p_t o_tg``, so scales never expand to element tiles. Value parameters are addressed by
+    strides (b, kv head, token, group): ZipCache's channel-separable values have one per (b, token) over all
+    heads (``vs_h = vs_g = 0``, GV = D) and a channel normaliser ``c[b, h, d]`` (HAS_CS) applied to the
+    finished output: ``sum_t p_t c_d x_td = c_d sum_t p_t x_td``. Packed bytes are loaded as contiguous byte
+    tiles (vectorised) and unpacked along a trailing PER axis."""
     NG: tl.constexpr = D // GV
     NBK: tl.constexpr = GK // PER  # key bytes per channel and block
     GVB: tl.constexpr = GV // PER  # value bytes per channel group
     pid = tl.program_id(0)  # b * HQ + query head
     split = tl.program_id(1)
     b = (pid // HQ).to(tl.int64)
-    bh_kv = b * (HQ // GQ) + (pid % HQ) // GQ  # (b, kv head): GQA shares it between GQ query heads
+    hk = ((pid % HQ) // GQ).to(tl.int64)
+    bh_kv = b * (HQ // GQ) + hk  # (b, kv head): GQA shares it between GQ query heads
     d = tl.arange(0, D)
     q = tl.load(q_ptr + pid.to(tl.int64) * D + d).to(tl.float32) * scaling
     krow = bh_kv * D + d  # key rows are (b, kv head, channel); their bytes run along tokens
@@ -64,8 +70,8 @@ def _part_decode_kernel(
         live = ok2 & (idx < length)  # padding tokens of the part sit in the block's dummy column
         kb = tl.load(kp_ptr + krow[:, None] * k_bytes + blk * NBK + jb[None, :], mask=in_part, other=0)
         code = ((kb.to(tl.int32)[:, :, None] >> (sub[None, None, :] * BITS)) & QMAX).to(tl.float32)  # [D, NBK, PER]
-        ks = tl.load(ks_ptr + krow * k_groups + blk, mask=in_part, other=0.0).to(tl.float32)
-        ko = tl.load(ko_ptr + krow * k_groups + blk, mask=in_part, other=0.0).to(tl.float32)
+        ks = tl.load(ks_ptr + krow * ks_row + blk * ks_blk, mask=in_part, other=0.0).to(tl.float32)
+        ko = tl.load(ko_ptr + krow * ks_row + blk * ks_blk, mask=in_part, other=0.0).to(tl.float32)
         s = tl.sum((q * ks)[:, None, None] * code, axis=0) + tl.sum(q * ko, axis=0)  # [NBK, PER]
         if HAS_BIAS:
             s += tl.load(bias_ptr + b * bias_stride + idx, mask=live, other=0.0)
@@ -79,7 +85,7 @@ def _part_decode_kernel(
         t = blk * GK + tl.arange(0, GK)
         ok = t < M
         vrow = bh_kv * M + t  # value rows are (b, kv head, token); their bytes run along channels
-        vg = vrow[:, None] * NG + g[None, :]  # [GK, NG]
+        vg = b * vs_b + hk * vs_h + t[:, None] * vs_t + g[None, :] * vs_g  # [GK, NG]
         vs = tl.load(vs_ptr + vg, mask=ok[:, None], other=0.0).to(tl.float32)
         vo = tl.load(vo_ptr + vg, mask=ok[:, None], other=0.0).to(tl.float32)
         vb = tl.load(vp_ptr + vrow[:, None, None] * (D // PER) + v_col[None, :, :], mask=ok[:, None, None], other=0)
@@ -92,6 +98,8 @@ def _part_decode_kernel(
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
     chan = v_col[:, :, None] * PER + sub[None, None, :]  # [NG, GVB, PER]
+    if HAS_CS:
+        acc = acc * tl.load(cs_ptr + bh_kv * D + chan).to(tl.float32)
     tl.store(out_ptr + o * D + chan, tl.where(has, acc / l_safe, 0.0))
     tl.store(lse_ptr + o, tl.where(has, m_i + tl.log(l_safe), float("-inf")))
 
@@ -166,8 +174,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 def supports(keys: QuantizedTensor, values: QuantizedTensor) -> bool:
+    """Keys per channel (KIVI groups or ZipCache's whole-part rows) and values per token (KIVI groups or
+    ZipCache's channel-separable layout); CST keys (``quantizer="cst"``) go to the torch reference."""
     d = keys.shape[-1]
-    return (keys.axis == "channel" and values.axis == "token" and keys.bits == values.bits and d >= 16
+    return (keys.axis == "channel" and keys.scheme in ("group", "row") and values.axis == "token"
+            and values.scheme in ("group", "cst") and keys.bits == values.bits and d >= 16
             and not d & (d - 1) and 16 <= keys.group <= 128)
 
 
@@ -193,13 +204,21 @@ def _launch_part(
     has_bias = bias is not None
     if has_bias and (bias.dtype != torch.float32 or bias.stride(-1) != 1):
         bias = bias.float().contiguous()
+    hkv, m = keys.shape[1], keys.shape[2]
+    ks_row, ks_blk = (1, 0) if keys.scheme == "row" else (keys.scale.shape[1], 1)
+    if values.scheme == "cst":  # scale [B, M]: one per (sample, token), shared by the heads
+        v_strides = (m, 0, 1, 0)
+    else:  # scale [B*H*M, D/GV]
+        ng = d // values.group
+        v_strides = (hkv * m * ng, m * ng, ng, 1)
+    has_cs = values.cscale is not None
     _part_decode_kernel[(b * hq, n_splits)](
         query, keys.packed, keys.scale, keys.offset, values.packed, values.scale, values.offset,
-        part.index.contiguous(), bias if has_bias else out, out, lse,
-        keys.shape[2], keys.packed.shape[1] * per, hq, hq // keys.shape[1], part.length,
-        bias.stride(0) if has_bias else 0, per_split, out.shape[2], s_offset, scaling,
+        values.cscale.contiguous() if has_cs else out, part.index.contiguous(), bias if has_bias else out, out, lse,
+        m, keys.packed.shape[1] * per, hq, hq // hkv, part.length,
+        bias.stride(0) if has_bias else 0, per_split, out.shape[2], s_offset, scaling, ks_row, ks_blk, *v_strides,
         D=d, BITS=bits, PER=per, QMAX=(1 << bits) - 1, GK=keys.group, GV=values.group, HAS_BIAS=has_bias,
-        num_warps=num_warps,
+        HAS_CS=has_cs, num_warps=num_warps,
     )
 
 

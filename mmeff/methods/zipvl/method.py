@@ -9,15 +9,25 @@ Per decoder layer, at prefill (our reading of the paper; items marked * were not
    SDPA, so no keys x keys matrix is ever built.
 2. *Normalized score* of key j: accumulated probe attention (mean over heads) / number of probes that see j.
 3. *Dynamic ratio*: among the candidate keys (every real token, or only visual ones with ``scope="visual"``),
-   keep the smallest set whose normalized mass reaches ``tau`` of the candidates' total (:func:`important_set`:
-   ``p = min{p : sum_{j<=p} a_sorted(j) >= tau * sum(a)}``). The recent probe window (the question's end,
-   whose last row gives the next-token logits) is always kept*, and so is every real non-candidate.
-4. *Sparse prefill attention*: queries, keys and values of the important tokens only, through SDPA on the
-   gathered tokens (causal in original positions); the attention output of the other tokens is zero*, so
-   their hidden state goes on through the residual stream and the MLP (they still reach the KV cache).
+   keep the smallest set reaching ``tau`` of the candidates' mass (:func:`important_set`:
+   ``p = min{p : sum_{j<=p} a_sorted(j) >= tau * sum(a)}``), ``ratio_mass`` choosing ``a``:
+   ``"normalized"`` (default; our reference notes' reading: the normalized scores count and rank) or
+   ``"accumulated"`` (the paper's equation as a review quotes it, ``>= tau * n`` over accumulated attention,
+   whose total is the number of query rows: ``p`` counted on the accumulated probe attention, the ``p``
+   tokens then picked by normalized score). The recent probe window (the question's end, whose last row gives
+   the next-token logits) is always kept*, and so is every real non-candidate.
+4. *Sparse prefill attention* over the important keys, through SDPA on the gathered tokens (causal in original
+   positions). ``sparse_queries="important"`` (default; the paper's "attention among the important tokens",
+   our reading of what the other rows get): only important query rows attend, the others' attention output
+   is zero*, so their hidden state goes on through the residual stream and the MLP (they still reach the KV
+   cache). ``"all"`` (ours): every query row attends to the important keys (a row that sees none gets zero).
 5. *Mixed-precision cache*: important tokens at ``hi_bits`` (4), the rest at ``lo_bits`` (2) — ZipCache's
-   widths*; group-wise asymmetric quantization, keys per channel (groups of ``group_size`` tokens), values per
-   token (groups of ``group_size`` channels) — :mod:`mmeff.kernels.kv_quant`. Decoded tokens stay in full
+   widths*; asymmetric quantization by ``quantizer`` (:func:`mmeff.kernels.kv_quant.quantize_key_value`):
+   ``"zipcache"`` (default; the released ZipCache code's demo setting: keys per channel over the whole part,
+   values channel-separable token-wise — per-channel ``sqrt(max|v|)`` normalisation over the block, then one
+   scale/offset per token over all heads), ``"cst"`` (channel-separable token-wise keys too) or ``"kivi"``
+   (ours before: keys per channel over groups of ``group_size`` tokens, values per token over groups of
+   ``group_size`` channels). Decoded tokens stay in full
    precision until ``recompress_every`` (100*) of them have accumulated; the decode queries' attention to them
    (normalized the same way) then splits them by the same ``tau`` rule and they are quantized as one block.
 6. *Decode attention* reads the cache as stored: per quantized part, a fused kernel unpacks and dequantizes the
@@ -45,7 +55,15 @@ from mmeff.engine.ranking import inverse_permutation, true_positions
 from mmeff.engine.state import Group, State, restrict_mask, select
 from mmeff.errors import ConfigError
 from mmeff.kernels.attention_stats import received_attention
-from mmeff.kernels.kv_quant import QuantizedTensor, gather_tokens, quantize_kv, value_group
+from mmeff.kernels.kv_quant import (
+    QUANTIZERS,
+    QuantizedTensor,
+    Quantizer,
+    block_scales,
+    gather_tokens,
+    quantize_key_value,
+    value_group,
+)
 from mmeff.kernels.kv_quant.reference import SUPPORTED_BITS
 from mmeff.kernels.probe_scores import normalized_scores, probe_scores
 from mmeff.kernels.quant_attention import Segment, decode_attention
@@ -59,10 +77,13 @@ class ZipVLConfig(MethodConfig):
     recent_share: float = 0.5
     scope: Literal["all", "visual"] = "all"
     start_layer: int = 0  # layers before it stay dense, their cache at hi_bits
+    ratio_mass: Literal["normalized", "accumulated"] = "normalized"  # what counts the kept share (step 3)
     sparse_prefill: bool = True
+    sparse_queries: Literal["important", "all"] = "important"  # which query rows attend in the sparse prefill
     hi_bits: int = 4
     lo_bits: int = 2
-    group_size: int = 32
+    quantizer: Quantizer = "zipcache"
+    group_size: int = 32  # "kivi": the quantization group; "zipcache": the key tile of the packed rows
     recompress_every: int = 100
     fused_decode: bool = True
     seed: int = 0
@@ -70,15 +91,25 @@ class ZipVLConfig(MethodConfig):
 
 # -- the ratio rule and the probes -------------------------------------------------------------------------------
 
-def important_set(scores: torch.Tensor, candidates: torch.Tensor, tau: float) -> torch.Tensor:
-    """[B, L] bool: per row, the smallest set of candidates whose score mass reaches ``tau`` of the candidates'
-    total (highest scores first; ties towards the earlier position). ``tau >= 1`` or no mass: every candidate."""
+def _by_score(scores: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clamped scores, candidate order by descending score, ties towards the earlier position)."""
     s = scores.float().masked_fill(~candidates, 0.0).clamp_min(0.0)
+    return s, torch.sort(s.masked_fill(~candidates, -1.0), dim=1, descending=True, stable=True).indices
+
+
+def important_set(
+    scores: torch.Tensor, candidates: torch.Tensor, tau: float, mass: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, L] bool: per row, the ``p`` candidates of highest ``scores`` (ties towards the earlier position), ``p``
+    the smallest count whose mass reaches ``tau`` of the candidates' total (ZipVL's ratio rule,
+    ``p = min{p : sum_{j<=p} a_sorted(j) >= tau * sum_j a_j}``). ``a`` is ``scores`` itself, or ``mass`` [B, L]
+    (ZipVL's accumulated attention, sorted on its own) when given. ``tau >= 1`` or no mass: every candidate."""
+    s, order = _by_score(scores, candidates)
+    a, a_order = (s, order) if mass is None else _by_score(mass, candidates)
     n_cand = candidates.sum(1)
-    order = torch.sort(s.masked_fill(~candidates, -1.0), dim=1, descending=True, stable=True).indices
-    mass = torch.gather(s, 1, order).cumsum(1)
-    total = mass[:, -1:]
-    n_keep = (mass < tau * total).sum(1) + 1
+    cum = torch.gather(a, 1, a_order).cumsum(1)
+    total = cum[:, -1:]
+    n_keep = (cum < tau * total).sum(1) + 1
     full = (total[:, 0] <= 0) | (tau >= 1.0)
     n_keep = torch.where(full, n_cand, torch.minimum(n_keep, n_cand))
     rank = inverse_permutation(order)
@@ -111,8 +142,9 @@ class _Part:
     keys: QuantizedTensor
     values: QuantizedTensor
 
-    def nbytes(self) -> int:
-        return self.index.numel() * self.index.element_size() + self.keys.nbytes() + self.values.nbytes()
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything the part holds; ZipCache's channel normalisers are shared with the block's other part."""
+        return [self.index, *self.keys.tensors(), *self.values.tensors()]
 
 
 @dataclass
@@ -127,8 +159,8 @@ class ZipVLCacheLayer(SlotLayer):
 
     Once blocks exist, ``update`` returns the buffer only: the layer's attention is computed by the ZipVL
     decode hook through :meth:`attend`, which reads the blocks as stored (``full`` materialises the whole
-    layer, for the slow reference). ``nbytes`` counts the packed codes, scales, offsets, token indices and
-    the buffer — what the layer really holds.
+    layer, for the slow reference). ``nbytes`` counts the packed codes, scales, offsets, channel normalisers
+    (once per block: its parts share them), token indices and the buffer — what the layer really holds.
     """
 
     def __init__(self, config: ZipVLConfig) -> None:
@@ -157,8 +189,9 @@ class ZipVLCacheLayer(SlotLayer):
         buffered = self.keys.shape[-2]
         if buffered >= self.config.recompress_every and self.score_acc is not None and self.blocks:
             acc, cnt = self.buffer_scores()
+            mass = acc if self.config.ratio_mass == "accumulated" else None
             self.compress(important_set(normalized_scores(acc, cnt), torch.ones_like(acc, dtype=torch.bool),
-                                        self.config.tau))
+                                        self.config.tau, mass))
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         buffered = self.keys.shape[-2]
@@ -182,10 +215,14 @@ class ZipVLCacheLayer(SlotLayer):
         c = self.config
         k, v = self.keys, self.values
         length = k.shape[-2]
-        value_group(c.group_size, k.shape[-1])  # fail early with a clear message
+        if c.quantizer == "kivi":
+            value_group(c.group_size, k.shape[-1])  # fail early with a clear message
         parts = []
         sets = ((c.hi_bits, important), (c.lo_bits, ~important))
         sizes = torch.stack([m.sum(1).max() for _, m in sets]).tolist()  # one host read for both parts
+        quantized = any(bits != 16 and m for (bits, _), m in zip(sets, sizes))
+        # ZipCache's channel normalisers come from the whole block, before the split into precision classes
+        scales = block_scales(k, v, c.quantizer) if quantized else (None, None)
         for (bits, members), m in zip(sets, sizes):
             if m == 0:
                 continue
@@ -195,8 +232,7 @@ class ZipVLCacheLayer(SlotLayer):
             gather_at = torch.where(valid, index, last)
             parts.append(_Part(
                 torch.where(valid, index, length).to(torch.int32),
-                quantize_kv(k, bits, c.group_size, "channel", gather_at),
-                quantize_kv(v, bits, c.group_size, "token", gather_at),
+                *quantize_key_value(k, v, bits, c.group_size, c.quantizer, gather_at, scales),
             ))
         self.blocks.append(_Block(length, parts))
         self.n_quantized += length
@@ -264,8 +300,9 @@ class ZipVLCacheLayer(SlotLayer):
     def nbytes(self) -> int:
         if not self.is_initialized or self.keys is None:
             return 0
-        total = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        return total + sum(p.nbytes() for block in self.blocks for p in block.parts)
+        held = {id(t): t for block in self.blocks for p in block.parts for t in p.tensors()}  # shared: once
+        held[id(self.keys)], held[id(self.values)] = self.keys, self.values
+        return sum(t.numel() * t.element_size() for t in held.values())
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("zipvl: the quantized cache cannot be cropped (assisted generation)")
@@ -305,6 +342,8 @@ class _Prefill:
         dense, longest, shortest = torch.stack([(important | ~real).all(), counts.max(), counts.min()]).tolist()
         if dense:
             return None
+        if c.sparse_queries == "all":
+            return keys_only_attention(call, keep, g, longest)
         return sparse_attention(call, keep, g, longest, longest != shortest)
 
 
@@ -338,6 +377,29 @@ def sparse_attention(call: AttentionCall, keep: torch.Tensor, g: Group, longest:
         return full.index_copy_(1, order[0], out)
     out = out * valid[:, :, None, None].to(out.dtype)
     return full.scatter_(1, order[:, :, None, None].expand_as(out), out)
+
+
+def keys_only_attention(call: AttentionCall, keep: torch.Tensor, g: Group, longest: int) -> torch.Tensor:
+    """``sparse_queries="all"`` (ours): every query row attends to the ``keep`` [B, L] keys only (causal in
+    original positions, the layer's mask gathered), through SDPA on the gathered keys; a row that sees no kept
+    key gets a zero output. [B, L, H, d]."""
+    b, _h, n, _d = call.query.shape
+    slots = Group(0, torch.arange(n, device=keep.device).expand(b, n), torch.ones_like(keep))
+    sub = select(slots, keep, 0, longest)
+    order, valid = sub.order, sub.valid
+    mask = restrict_mask(call.mask, None, order, valid, n, (g.index, torch.gather(g.index, 1, order)), full=False)
+    seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    empty = ~seen.any(-1, keepdim=True)  # [B, heads, L, 1]: rows before every kept key
+    first = torch.zeros_like(seen)
+    first[..., 0] = True
+    if mask.dtype == torch.bool:
+        mask = mask | (empty & first)  # any visible column keeps SDPA finite; the row is zeroed below
+    else:
+        mask = mask.masked_fill(empty & first, 0.0)
+    k, v = (gather_tokens(t, order) for t in (call.key, call.value))
+    out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](call.module, call.query, k, v, mask, scaling=call.scaling, dropout=0.0)
+    live = ~empty.any(1)[:, :, 0]  # [B, L]
+    return out * live[:, :, None, None].to(out.dtype)
 
 
 @dataclass
@@ -378,6 +440,12 @@ class ZipVL(Method):
             raise ConfigError(f"zipvl: recompress_every must be >= 1 and start_layer in [0, {n_layers}]")
         if c.scope not in ("all", "visual"):
             raise ConfigError(f"zipvl: scope must be 'all' or 'visual', got {c.scope!r}")
+        if c.quantizer not in QUANTIZERS:
+            raise ConfigError(f"zipvl: quantizer must be one of {QUANTIZERS}, got {c.quantizer!r}")
+        if c.ratio_mass not in ("normalized", "accumulated"):
+            raise ConfigError(f"zipvl: ratio_mass must be 'normalized' or 'accumulated', got {c.ratio_mass!r}")
+        if c.sparse_queries not in ("important", "all"):
+            raise ConfigError(f"zipvl: sparse_queries must be 'important' or 'all', got {c.sparse_queries!r}")
 
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
         self.layers = weakref.WeakValueDictionary()  # cache_layer() fills it at this prefill, if a cache is in use
@@ -404,7 +472,8 @@ class ZipVL(Method):
         query = gather_tokens(call.query, pos)
         acc, count = probe_scores(query, call.key, pos, weight.float(), real, call.scaling)
         cand = real if c.scope == "all" else real & st.visual_in_group(g)
-        important = important_set(normalized_scores(acc, count), cand, c.tau)
+        mass = acc if c.ratio_mass == "accumulated" else None
+        important = important_set(normalized_scores(acc, count), cand, c.tau, mass)
         return important | recent | (real & ~cand), recent
 
     def record(self, state: State, layer: int, important: torch.Tensor, real: torch.Tensor) -> None:
