@@ -161,6 +161,15 @@ class Adapter:
     def vision_attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
+    def feature_layer(self) -> int | None:
+        """Index in :meth:`vision_layers` of the deepest layer whose output the projector consumes, or None when
+        that is the embeddings. LLaVA: ``config.vision_feature_layer`` indexes ``hidden_states`` (entry 0 = the
+        embeddings, entry i = layer i - 1's output); a list of layers (concatenated features) gives the deepest."""
+        chosen = self.model.config.vision_feature_layer
+        n = len(self.vision_layers())
+        deepest = max(i % (n + 1) for i in ([chosen] if isinstance(chosen, int) else chosen))
+        return deepest - 1 if deepest > 0 else None
+
     vision_prefix: ClassVar[int] = 1  # leading non-patch positions of each unit in the tower (CLIP's CLS)
     mrope: ClassVar[bool] = False  # decoder position ids have 3 rows (M-RoPE)
 

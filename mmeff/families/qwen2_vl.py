@@ -38,6 +38,10 @@ class Qwen2VLAdapter(Adapter):
     def vision_attention(self, layer: nn.Module) -> nn.Module:
         return layer.attn
 
+    def feature_layer(self) -> int | None:
+        """The merger reads the last block's output."""
+        return len(self.vision_layers()) - 1
+
     @property
     def image_token_ids(self) -> tuple[int, ...]:
         cfg = self.model.config

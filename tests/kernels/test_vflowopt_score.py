@@ -38,8 +38,8 @@ def test_patch_entropy_kernel(p):
 @cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("layout", ["clip", "qwen_windows"])
-@pytest.mark.parametrize("t", [0.0, 1.0, 5.0])
-def test_context_relevance_kernel(dtype, tol, layout, t):
+@pytest.mark.parametrize("t,t_max", [(0.0, None), (1.0, None), (5.0, None), (50.0, None), (50.0, 0.5)])
+def test_context_relevance_kernel(dtype, tol, layout, t, t_max):
     pytest.importorskip("triton")
     from mmeff.kernels.vflowopt_score import triton as kernel
 
@@ -53,9 +53,11 @@ def test_context_relevance_kernel(dtype, tol, layout, t):
     k = torch.randn(h, s, d, generator=g).to(dtype)
     block = torch.cat([torch.full((n,), i) for i, n in enumerate(blocks)])
     unit = torch.cat([torch.full((n,), i) for i, n in enumerate(units)])
-    want = ref.context_relevance(q.float(), k.float(), d**-0.5, block, unit, t)
-    got = kernel.context_relevance(q.cuda(), k.cuda(), d**-0.5, block.cuda(), unit.cuda(), t).cpu()
-    assert _rel(got, want) <= tol
+    want = ref.context_relevance(q.float(), k.float(), d**-0.5, block, unit, t, t_max=t_max, details=True)
+    got = kernel.context_relevance(q.cuda(), k.cuda(), d**-0.5, block.cuda(), unit.cuda(), t, t_max=t_max,
+                                   details=True)
+    assert _rel(got.scores.cpu(), want.scores) <= tol
+    assert torch.equal(got.empty.cpu(), want.empty) and torch.equal(got.n_global.cpu(), want.n_global)
 
 
 @cuda
@@ -97,6 +99,12 @@ def test_global_token_selection_and_context_relevance():
     want = [False, True, False, False, True, False]
     assert ref.global_rows(recv2, unit2, 100.0).tolist() == want
     assert ref.global_rows(recv2, unit2, 100.0, n_units=2).tolist() == want
+    # bounded rule (ours): threshold min(t * mean, t_max * max); the empty flag follows the released t * mean
+    recv3, unit3 = torch.tensor([1.0, 4.0, 3.0, 0.5, 2.0, 1.0]), torch.tensor([0, 0, 0, 0, 1, 1])
+    glob, empty = ref.global_selection(recv3, unit3, 100.0, t_max=0.6)  # caps 2.4 and 1.2
+    assert glob.tolist() == [False, True, True, False, True, False] and empty.tolist() == [True, True]
+    glob, empty = ref.global_selection(recv3, unit3, 1.5, t_max=0.9)  # min(3.19, 3.6) and min(2.25, 1.8)
+    assert glob.tolist() == [False, True, False, False, True, False] and empty.tolist() == [False, True]
     # packed sequences with blocks and units equal the dense per-unit formula
     torch.manual_seed(0)
     h, d = 3, 8

@@ -2,7 +2,7 @@
 
 ``patch_entropy`` and ``context_relevance`` run the Triton kernels when the tensors are on CUDA and Triton
 imports, and the torch reference otherwise (CPU tests, other devices). Both give the same numbers (float32
-accumulation; ``tests/test_vflowopt_kernel.py`` pins them on a GPU).
+accumulation; ``tests/kernels/test_vflowopt_score.py`` pins them on a GPU).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from mmeff.kernels import use_triton
 from mmeff.kernels.vflowopt_score import reference
-from mmeff.kernels.vflowopt_score.reference import grey_levels
+from mmeff.kernels.vflowopt_score.reference import Relevance, grey_levels
 
 
 def patch_entropy(levels: torch.Tensor) -> torch.Tensor:
@@ -25,15 +25,16 @@ def patch_entropy(levels: torch.Tensor) -> torch.Tensor:
 
 def context_relevance(
     q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.Tensor, unit_id: torch.Tensor, t: float,
-    n_units: int | None = None,
-) -> torch.Tensor:
+    n_units: int | None = None, t_max: float | None = None, details: bool = False,
+) -> torch.Tensor | Relevance:
     """[S] context relevance of each token of a packed sequence (q, k: [H, S, D]); see ``reference``.
-    ``n_units``: the number of units when the caller knows it (saves a host sync)."""
+    ``n_units``: the number of units when the caller knows it (saves a host sync); ``t_max``: the bounded
+    global-token threshold (ours); ``details``: also the per-unit empty-G flags and |G| (:class:`Relevance`)."""
     if use_triton(q):
         from mmeff.kernels.vflowopt_score import triton as kernel
 
-        return kernel.context_relevance(q, k, scale, block_id, unit_id, t, n_units)
-    return reference.context_relevance(q, k, scale, block_id, unit_id, t, n_units)
+        return kernel.context_relevance(q, k, scale, block_id, unit_id, t, n_units, t_max, details)
+    return reference.context_relevance(q, k, scale, block_id, unit_id, t, n_units, t_max, details)
 
 
-__all__ = ["context_relevance", "grey_levels", "patch_entropy", "reference"]
+__all__ = ["Relevance", "context_relevance", "grey_levels", "patch_entropy", "reference"]

@@ -6,7 +6,7 @@
   holding an [S, S] matrix: (1) per query row and head, the log-sum-exp over its block's keys; (2) per key
   tile and head, the row-weighted column sums of exp(s - lse). Pass (2) runs twice: with weights 1/n_unit
   (received attention) and with the global-row indicator / |G| (context relevance). The global-token
-  threshold between them is a few small torch ops (``reference.global_rows``).
+  threshold between them is a few small torch ops (``reference.relevance_from``, shared with the reference).
 Scores accumulate in float32; float32 inputs use IEEE dot products (no TF32), so the result matches the
 torch reference to ~1e-5 relative.
 """
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmeff.kernels.vflowopt_score.reference import global_rows
+from mmeff.kernels.vflowopt_score.reference import Relevance, relevance_from
 
 
 @triton.jit
@@ -141,9 +141,10 @@ def _launch_colsum(args: tuple, w: torch.Tensor, h: int, s: int, meta: dict) -> 
 
 def context_relevance(
     q: torch.Tensor, k: torch.Tensor, scale: float, block_id: torch.Tensor, unit_id: torch.Tensor, t: float,
-    n_units: int | None = None,
-) -> torch.Tensor:
-    """[S] context relevance of a packed sequence (q, k: [H, S, D]); the same numbers as the reference."""
+    n_units: int | None = None, t_max: float | None = None, details: bool = False,
+) -> torch.Tensor | Relevance:
+    """[S] context relevance of a packed sequence (q, k: [H, S, D]); the same numbers as the reference
+    (``details``: a :class:`~mmeff.kernels.vflowopt_score.reference.Relevance`)."""
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         q, k = q.float(), k.float()
     q, k = q.contiguous(), k.to(q.dtype).contiguous()
@@ -155,12 +156,4 @@ def context_relevance(
     _lse_kernel[(h, triton.cdiv(s, meta["BM"]))](q, k, bid, lo, hi, lse, s, d, float(scale),
                                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), **meta)
     args = (q, k, bid, lo, hi, lse, d, float(scale))
-    unit = unit_id.long()
-    if n_units is None:
-        n_units = int(unit.max()) + 1
-    ones = torch.ones(s, device=q.device)
-    size = torch.zeros(n_units, device=q.device).index_add_(0, unit, ones)
-    recv = _launch_colsum(args, 1.0 / size[unit], h, s, meta)
-    glob = global_rows(recv, unit, t, n_units).float()
-    n_glob = torch.zeros(n_units, device=q.device).index_add_(0, unit, glob)
-    return _launch_colsum(args, glob / n_glob[unit], h, s, meta)
+    return relevance_from(lambda w: _launch_colsum(args, w, h, s, meta), unit_id.long(), t, n_units, t_max, details)

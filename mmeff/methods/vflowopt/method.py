@@ -2,14 +2,24 @@
 
 Importance of each visual token (computed inside the vision tower, per *unit*: a CLIP tile or a Qwen image):
 
-    s = context_relevance(vision layer ``vision_layer``; global tokens by the t * mean rule)
+    s = context_relevance(vision layer ``vision_layer``; global tokens G by the t rule)
         + alpha_v * softmax(entropy of the token's pixel region over the unit)
 
+    context_relevance_j = mean_{q in G} A[q, j],  A = head-mean attention of the unit,  recv = A.mean(0),
+    G = {q : recv_q > t * mean(recv)}               (released, ``t_rule="released"``)
+    G = {q : recv_q > min(t * mean(recv), t_max * max(recv))}   (ours, ``t_rule="bounded"``)
+
+An empty G (no token passes) falls back to the most attended token (ours; the released code has no rule);
+``handle.stats["vflowopt_empty_global"]`` counts the units where no token passed ``t * mean``. The scored layer
+is, by default, the model's feature layer (the deepest vision layer the projector reads), as in the released
+code (``illava_vit_k = 25``: the last layer of the 26 SigLIP layers LLaVA-OneVision keeps).
+
 Input stage (before decoder layer 0), per image: of its N non-layout tokens the lowest
-``round(N (1 - r_v)) + int(N / m^2)`` are taken out; those are grouped into m x m spatial cells
-(``floor(row / m), floor(col / m)`` per tile) and each cell becomes one token, the score-weighted mean of its
-members, written at the slot of its highest-scoring member. Before each decoder layer ``llm_layers[i]`` the
-lowest ``round(n (1 - llm_ratios[i]))`` of the n remaining tokens of each image are dropped by the same score.
+``round(L (1 - r_v)) + int(L / m^2)`` are taken out (L = N; with ``layout_in_count`` as released, L = N + the
+image's row newlines); those are grouped into m x m spatial cells (``floor(row / m), floor(col / m)`` per tile)
+and each cell becomes one token, the score-weighted mean of its members, written at the slot of its
+highest-scoring member. Before each decoder layer ``llm_layers[i]`` the lowest ``round(n (1 - llm_ratios[i]))``
+of the n remaining tokens of each image are dropped by the same score (n + newlines with ``layout_in_count``).
 Layout tokens (LLaVA-NeXT newlines) are never touched; kept tokens keep their original position ids.
 
 Family equivalents (see docs/vflowopt.md): CLIP towers keep the CLS token in the attention (as a query and a
@@ -43,11 +53,21 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class VFlowOptConfig(MethodConfig):
-    """Defaults: the released 10%-kept config (Qwen2 decoder, 28 layers, stages before layers 9 and 18)."""
+    """Defaults: the released 10%-kept config (Qwen2 decoder, 28 layers, stages before layers 9 and 18).
+
+    ``vision_layer`` None (default, released): the model's feature layer (:meth:`Adapter.feature_layer`).
+    ``t_rule``: "released" (G = recv > t * mean) or "bounded" (ours: the threshold is capped at ``t_max`` times
+    the largest recv, so G is never empty). ``layout_in_count``: False (ours) counts an image's real tokens only
+    in L; True (released) counts its row newlines too (LLaVA-NeXT; they are never dropped, so it removes more
+    real tokens than the ratios say).
+    """
 
     method = "vflowopt"
-    vision_layer: int = -2  # vision encoder layer whose attention gives the context relevance (negative: from end)
-    t: float = 39.26492840997221  # global tokens: received attention above t times the mean
+    vision_layer: int | None = None  # vision layer whose attention is scored (negative: from the end); None: feature
+    t: float = 39.26492840997221  # global tokens: received attention above t times the mean (released rule)
+    t_rule: str = "released"  # "released" | "bounded" (ours: threshold min(t * mean, t_max * max))
+    t_max: float = 0.5  # "bounded": the threshold never exceeds this fraction of the largest received attention
+    layout_in_count: bool = False  # True (released): L counts the image's row newlines; False (ours): real tokens
     m: float = 17.386981849158786  # recycling cell side, in tokens (may be fractional, as in the official code)
     r_v: float = 0.11661529508161146  # share of each image's tokens kept at the input stage
     alpha_v: float = 0.0  # weight of the softmaxed patch entropy
@@ -82,9 +102,18 @@ def combine(attn: torch.Tensor, entropy: torch.Tensor, alpha_v: float) -> torch.
     return attn.float() + alpha_v * torch.softmax(entropy.float(), dim=-1)
 
 
-def low_counts(counts: list[int], r_v: float, m: float, recycle: bool = True) -> list[int]:
-    """Per image of N non-layout tokens, how many leave at the input stage (see :func:`recycle_plan`)."""
-    return [min(n, round(n * (1.0 - r_v)) + int(n / (m * m))) if recycle else round(n * (1.0 - r_v)) for n in counts]
+def low_counts(counts: list[int], r_v: float, m: float, recycle: bool = True, layout: list[int] | None = None
+               ) -> list[int]:
+    """Per image of N non-layout tokens, how many leave at the input stage: ``round(L (1 - r_v)) + int(L / m^2)``
+    (``round(L (1 - r_v))`` without recycling), at most N; L = N + ``layout[i]`` (the released count, where the
+    image's newlines are part of the token count but never leave; default: L = N)."""
+    extra = layout if layout is not None else [0] * len(counts)
+    out = []
+    for n, h in zip(counts, extra, strict=True):
+        total = n + h
+        low = round(total * (1.0 - r_v)) + (int(total / (m * m)) if recycle else 0)
+        out.append(min(n, low))
+    return out
 
 
 def recycle_plan(scores: torch.Tensor, unit: torch.Tensor, cell: torch.Tensor, counts: list[int], r_v: float,
@@ -147,6 +176,8 @@ class _Data:
     span_map: torch.Tensor | None = None  # [B, N] image number of each prunable visual token (-1 elsewhere)
     n_images: int = 0
     units: list[torch.Tensor] = field(default_factory=list)  # importance per vision unit encoded before ``begin``
+    empty: list[torch.Tensor] = field(default_factory=list)  # per vision call: [units] no token passed t * mean
+    n_global: list[torch.Tensor] = field(default_factory=list)  # per vision call: [units] |G| as used
     plan: _Plan | None = None  # the packed layout of the images' tokens (host data, made in ``begin``)
     bound: list[int] = field(default_factory=list)  # per image: most prunable slots it can hold now (host)
 
@@ -165,6 +196,8 @@ class _Plan:
     span_of: list[int]  # per packed image: its image index (order of the tower's units)
     counts: list[int]  # per packed image: non-layout tokens
     low: list[int]  # per packed image: tokens that leave at the input stage (low_counts)
+    layout: list[int]  # per packed image: row newlines counted in L (layout_in_count; else zeros)
+    layout_t: torch.Tensor  # the same on the device, plus a 0 for "not prunable" (the LLM stages' extra group)
     cells: list[int]  # per packed image: recycling cells
     sample: list[int]  # per packed image: its sample
     other: list[int]  # per sample: prompt slots that are not prunable visual tokens
@@ -184,6 +217,9 @@ class VFlowOpt(Method):
         # importance per vision unit (a CLIP tile, a Qwen image), in encoder order, until the input stage: the
         # tower may run before the prefill's state exists (generate encodes images first)
         self._units: list[torch.Tensor] = []
+        self._empty: list[torch.Tensor] = []  # the global-rule record of those units (stats)
+        self._n_global: list[torch.Tensor] = []
+        self.vision_layer: int = 0  # the scored layer, resolved in validate (for messages)
 
     # -- set-up -------------------------------------------------------------------------------------------
     def validate(self, n_layers: int) -> None:
@@ -194,6 +230,11 @@ class VFlowOpt(Method):
             raise ConfigError(f"vflowopt: m (cell side in tokens) must be >= 1, got {c.m}")
         if c.t < 0:
             raise ConfigError(f"vflowopt: t must be >= 0, got {c.t}")
+        if c.t_rule not in ("released", "bounded"):
+            raise ConfigError(f"vflowopt: t_rule must be 'released' or 'bounded', got {c.t_rule!r}")
+        if not 0.0 < c.t_max < 1.0:
+            raise ConfigError(f"vflowopt: t_max (fraction of the largest received attention) must be in (0, 1), "
+                              f"got {c.t_max}")
         if any(not 0.0 <= r <= 1.0 for r in c.llm_ratios):
             raise ConfigError(f"vflowopt: llm_ratios must lie in [0, 1], got {list(c.llm_ratios)}")
         if c.budget is not None and not 0.0 <= c.budget < 1.0:
@@ -201,9 +242,16 @@ class VFlowOpt(Method):
         if len(c.pixel_mean) != 3 or len(c.pixel_std) != 3:
             raise ConfigError("vflowopt: pixel_mean and pixel_std need 3 values (RGB)")
         n_vision = len(self.adapter.vision_layers())
-        if not -n_vision <= c.vision_layer < n_vision:
-            raise ConfigError(f"vflowopt: vision_layer {c.vision_layer} outside the {n_vision}-layer vision tower")
-        self.vision_layers = (c.vision_layer % n_vision,)
+        layer = c.vision_layer
+        if layer is None:
+            layer = self.adapter.feature_layer()
+            if layer is None:
+                raise ConfigError("vflowopt: the model's image features are the vision embeddings (feature layer 0), "
+                                  "so no attention layer feeds them; set vision_layer explicitly")
+        if not -n_vision <= layer < n_vision:
+            raise ConfigError(f"vflowopt: vision_layer {layer} outside the {n_vision}-layer vision tower")
+        self.vision_layer = layer % n_vision
+        self.vision_layers = (self.vision_layer,)
         self.layers, self.ratios = effective_schedule(c, n_layers)
 
     @property
@@ -217,10 +265,28 @@ class VFlowOpt(Method):
         entropy = token_entropy(regions, c.pixel_mean, c.pixel_std).split(counts)
         q, k, scale = call.qk()
         block, unit, n_units = call.segments()
-        rel = context_relevance(q, k, scale, block, unit, c.t, n_units)
-        attn = call.unit_tokens(rel, "sum")
-        units = self._units if state is None else self.data(state).units
+        t_max = c.t_max if c.t_rule == "bounded" else None
+        rel = context_relevance(q, k, scale, block, unit, c.t, n_units, t_max, details=True)
+        attn = call.unit_tokens(rel.scores, "sum")
+        if state is None:
+            units, empty, n_global = self._units, self._empty, self._n_global
+        else:
+            data = self.data(state)
+            units, empty, n_global = data.units, data.empty, data.n_global
         units.extend(combine(a, e, c.alpha_v) for a, e in zip(attn, entropy, strict=True))
+        empty.append(rel.empty)
+        n_global.append(rel.n_global)
+
+    def stats(self, state: State) -> dict[str, Any]:
+        """Of the vision units (CLIP tiles, Qwen images) scored in the last prefill: how many
+        (``vflowopt_units``), how many had no token above ``t * mean(recv)`` (``vflowopt_empty_global``: with the
+        released rule these use the most attended token alone), and their mean |G| (``vflowopt_global_tokens``)."""
+        data: _Data = self.data(state)
+        if not data.empty:
+            return {"vflowopt_units": 0, "vflowopt_empty_global": 0, "vflowopt_global_tokens": 0.0}
+        empty, n_global = torch.cat(data.empty), torch.cat(data.n_global)
+        return {"vflowopt_units": empty.numel(), "vflowopt_empty_global": empty.sum(),
+                "vflowopt_global_tokens": n_global.mean()}
 
     def image_scores(self, state: State) -> list[torch.Tensor]:
         """Importance of every image's tokens in span order (grid cells row-major, layout tokens excluded)."""
@@ -238,7 +304,7 @@ class VFlowOpt(Method):
             if scores.numel() != n_tok:
                 raise MmeffError(
                     f"vflowopt: image {sp.image_index} has {n_tok} visual tokens but its importance map has "
-                    f"{scores.numel()} entries (vision layer {self.config.vision_layer})"
+                    f"{scores.numel()} entries (vision layer {self.vision_layer})"
                 )
         return out
 
@@ -247,13 +313,14 @@ class VFlowOpt(Method):
         # units of images encoded before this forward (generate) belong to this generation's data, so that a
         # replayed prefill graph reads them from the state it copies (mmeff.engine.prefill_graph)
         data.units, self._units = self._units, []
+        data.empty, data.n_global, self._empty, self._n_global = self._empty, self._n_global, [], []
         if any(state.spans):
             data.plan = self._plan(state)
 
     def _plan(self, state: State) -> _Plan:
         """The packed layout of every image's non-layout tokens, from the spans (host data)."""
         dev = state.visual.device
-        b_of, pos, unit, tile, row, col, span_of, counts, sample = [], [], [], [], [], [], [], [], []
+        b_of, pos, unit, tile, row, col, span_of, counts, sample, layout = [], [], [], [], [], [], [], [], [], []
         span_map = torch.full(state.visual.shape, -1, dtype=torch.long)  # original position -> packed image
         for b, spans in enumerate(state.spans):
             for sp in spans:
@@ -268,19 +335,20 @@ class VFlowOpt(Method):
                 col.append(g["col"][cand])
                 span_of.append(sp.image_index)
                 sample.append(b)
+                layout.append(sum(t.rows for t in sp.tiles if t.newline) if self.config.layout_in_count else 0)
                 span_map[b, sp.start + cand] = len(counts) - 1
         unit_t = torch.cat(unit)
         cell = cell_ids(unit_t, torch.cat(tile), torch.cat(row), torch.cat(col), self.config.m)
         image_of_cell = torch.zeros(int(cell.max()) + 1, dtype=torch.long).scatter_(0, cell, unit_t)
         cells = torch.bincount(image_of_cell, minlength=len(counts)).tolist()
         c = self.config
-        low = low_counts(counts, self.r_v, c.m, c.recycle)
+        low = low_counts(counts, self.r_v, c.m, c.recycle, layout)
         n = state.visual.shape[1]
         other = [n - sum(k for k, s_ in zip(counts, sample) if s_ == b) for b in range(len(state.spans))]
         return _Plan(
             torch.cat(b_of).to(dev), torch.cat(pos).to(dev), unit_t.to(dev), cell.to(dev),
             (torch.tensor(counts, device=dev), torch.tensor(low, device=dev)), span_map.to(dev),
-            span_of, counts, low, cells, sample, other,
+            span_of, counts, low, layout, torch.tensor([*layout, 0], device=dev), cells, sample, other,
         )
 
     def _slots(self, plan: _Plan, bound: list[int]) -> list[int]:
@@ -334,11 +402,13 @@ class VFlowOpt(Method):
         span = torch.where(state.prunable_in_group(g) & (span >= 0), span, n_spans).flatten()  # n_spans: not prunable
         count = torch.zeros(n_spans + 1, dtype=torch.long, device=span.device)
         count.index_add_(0, span, torch.ones_like(span))  # not bincount: that reads the max back (a sync)
-        n_drop = torch.round(count.double() * (1.0 - ratio)).long()
+        plan = data.plan
+        # released count (layout_in_count): the image's newlines are part of n but never dropped
+        n_drop = torch.round((count + plan.layout_t).double() * (1.0 - ratio)).long()
         n_drop[n_spans] = 0
         keep = (rank_in_group(scores, span, count) >= n_drop[span]).view(g.index.shape)
-        # n - round(n (1 - ratio)) grows with n: the bound of what each image keeps follows from its bound before
-        data.bound = [k - round(k * (1.0 - ratio)) for k in data.bound]
+        # n - min(n, round((n + h) (1 - ratio))) grows with n: each image's bound follows from its bound before
+        data.bound = [k - min(k, round((k + h) * (1.0 - ratio))) for k, h in zip(data.bound, plan.layout)]
         return Kept(keep, longest=max(self._slots(data.plan, data.bound)))
 
 

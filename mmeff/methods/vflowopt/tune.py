@@ -77,7 +77,7 @@ def tune_vflowopt(
     trials: int,
     llm_layers: Sequence[int] = (9, 18),
     layers_of: int = 28,
-    vision_layer: int = -2,
+    vision_layer: int | None = None,
     seed: int = 42,
     startup_trials: int | None = None,
     timeout: float | None = None,
