@@ -199,6 +199,7 @@ class _Entry:
     output: Any = None  # the captured forward's output (its cache: ``cache``)
     cache: Cache | None = None
     cache_name: str | None = None
+    host: set[str] = dataclasses.field(default_factory=set)  # inputs captured as CPU tensors (Adapter.host_inputs)
     # tensors the forward stored as module attributes (Qwen2-VL's ``rope_deltas``, read by later decode steps):
     # a replay refreshes their values but not the attributes, which an eager call in between may have moved
     attributes: list[tuple[torch.nn.Module, str, torch.Tensor]] = dataclasses.field(default_factory=list)
@@ -309,9 +310,13 @@ class PrefillGraphs:
         memo: dict[int, Any] = {}
         cache_name = next((k for k in CACHE_KWARGS if k in bound and bound[k] is not None), None)
         inputs: dict[str, Any] = {}
+        whole = self._module is p.model
         for name, value in bound.items():
             if name == cache_name:
                 inputs[name] = copy.deepcopy(value)  # an empty cache of the caller's type, filled by the capture
+            elif whole and name in p.adapter.host_inputs and _by_value(value):
+                inputs[name] = value.cpu()  # read on the host by the forward; its value is in the signature
+                entry.host.add(name)
             else:
                 inputs[name] = fork(value, _clone, memo)
         captured = fork(st, _clone, memo)  # the state's inputs (the pre-hook's tensors, aliases of the arguments)
@@ -322,13 +327,14 @@ class PrefillGraphs:
         before = _tensor_attributes(p.model)
         self.busy = True
         try:
-            if self.capture:
-                graph = torch.cuda.CUDAGraph()
-                with _transformers_checks_off(), torch.cuda.graph(graph):
+            with _transformers_checks_off(), p.adapter.capture_context():
+                if self.capture:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        out = original(**inputs)
+                    entry.graph = graph
+                else:
                     out = original(**inputs)
-                entry.graph = graph
-            else:
-                out = original(**inputs)
         finally:
             self.busy = False
         entry.post, entry.output = captured, out
@@ -345,7 +351,7 @@ class PrefillGraphs:
             self.last = f"eager: {e}"
             return original(**bound)
         for name, value in bound.items():
-            if name != entry.cache_name:
+            if name != entry.cache_name and name not in entry.host:  # host inputs: equal by the signature
                 copy_into(entry.inputs[name], value, name)
         if entry.graph is not None:
             entry.graph.replay()
@@ -357,7 +363,8 @@ class PrefillGraphs:
             p.reset_call()
             self.busy = True
             try:
-                out = original(**inputs)
+                with _transformers_checks_off(), p.adapter.capture_context():
+                    out = original(**inputs)
             finally:
                 self.busy = False
             copy_into(entry.post, p.state, "state")
@@ -386,7 +393,7 @@ def _signature(value: Any, by_value: bool = True) -> Any:
     by value too: image sizes and grids steer the model's Python), plain values as they are."""
     if isinstance(value, torch.Tensor):
         sig: tuple[Any, ...] = (tuple(value.shape), value.dtype, str(value.device))
-        if by_value and not value.is_floating_point() and value.numel() <= _SMALL_INT:
+        if by_value and _by_value(value):
             sig += (tuple(value.flatten().tolist()),)
         return sig
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -396,6 +403,11 @@ def _signature(value: Any, by_value: bool = True) -> Any:
     if isinstance(value, dict) or _is_model_output(value):
         return (type(value).__name__, *((k, _signature(v, by_value)) for k, v in value.items()))
     raise TypeError(f"a {type(value).__name__}")
+
+
+def _by_value(value: Any) -> bool:
+    """Whether a tensor argument is part of the signature by value (:func:`_signature`)."""
+    return (isinstance(value, torch.Tensor) and not value.is_floating_point() and value.numel() <= _SMALL_INT)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:

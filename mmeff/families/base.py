@@ -9,6 +9,7 @@ gathered along the sequence axis (the last axis of ids, of any leading shape —
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -125,9 +126,18 @@ class Adapter:
     # the model's whole forward (vision tower included) reads nothing back from the device, so a prefill can be
     # one CUDA graph (mmeff.engine.prefill_graph); False: only the decoder is (the tower / position ids sync)
     graph_whole_forward: ClassVar[bool] = True
+    # small integer inputs the family's forward reads on the host (``.tolist()``): a captured whole forward gets
+    # them as CPU tensors (their values are part of the graph's signature, so they never change under it)
+    host_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    def capture_context(self) -> contextlib.AbstractContextManager[None]:
+        """Entered around a CUDA-graph capture of the whole forward (and its CPU emulation): swaps out what of
+        the family's forward reads the device although the eager first call of the same signature made it
+        redundant (a sanity check, say). Nothing by default."""
+        return contextlib.nullcontext()
 
     # -- structure ----------------------------------------------------------------------------------------
     @property

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
+
+import torch
 
 from mmeff.families.base import Adapter, Tile
 
@@ -30,3 +34,24 @@ class LlavaAdapter(Adapter):
 
     def image_layouts(self, inputs: dict[str, Any], n_images: int) -> list[tuple[tuple[Tile, ...], int]]:
         return [self._per_image()] * n_images
+
+    @contextlib.contextmanager
+    def capture_context(self) -> Iterator[None]:
+        """transformers' ``get_placeholder_mask`` checks the image-token count with a message f-string that formats
+        a device tensor (a host read, even with the check disabled): during a capture the mask is computed
+        without it (the eager first call of the signature ran the check)."""
+        base = self.base
+        image_token = self.model.config.image_token_id
+
+        def placeholder_mask(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, image_features: Any
+                             ) -> torch.Tensor:
+            if input_ids is None:  # embeddings passed in: transformers' own path (it compares embeddings)
+                return original(input_ids, inputs_embeds, image_features)
+            return (input_ids == image_token).unsqueeze(-1).to(inputs_embeds.device)
+
+        original = base.get_placeholder_mask
+        base.get_placeholder_mask = placeholder_mask  # an instance attribute shadowing the method
+        try:
+            yield
+        finally:
+            del base.get_placeholder_mask

@@ -17,6 +17,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
     span_inputs = ("image_sizes",)
+    host_inputs = ("image_sizes",)  # the anyres grid is chosen on the host from them (``image_sizes.tolist()``)
 
     def _count_images(self, inputs: dict[str, Any], per_sample_runs: list[list[tuple[int, int]]]) -> int:
         if inputs.get("image_sizes") is None:
