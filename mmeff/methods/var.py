@@ -1,16 +1,20 @@
 """VAR: visual attention redistribution (Kang et al., "See What You Are Told: Visual Attention Sink in Large
-Multimodal Models", ICLR 2025; official code seilk/VisAttnSink).
+Multimodal Models", ICLR 2025; released code seilk/VisAttnSink).
 
-Sink tokens. At every decoder layer, from the layer's input hidden states h_j (the residual stream)::
+Sink tokens. At decoder layer l >= ``start_layer``, from the layer's input hidden states h_j (the residual
+stream) of the prompt, in the prefill::
 
     s_j = max_{d in D} | h_jd / rms(h_j) |         rms(h) = sqrt(mean_d h_d^2 + 1e-6), D = the sink dimensions
-    sink_j = s_j > tau                                                          (tau = 20)
+    sink_j = s_j > tau                                                          (tau = 20, strict)
 
-D is a property of the language model (LLaMA-2-7B / Vicuna-7B: {2533, 1415}); :func:`discover_sink_dims`
-finds it for any model (massive activations over a calibration set), :func:`sink_dim_stats` checks that the
-dims really single out sink tokens, and the family presets store it. Since |h_d / rms(h)| <= sqrt(D_model), tau
-must stay below sqrt(hidden size); a preset entry ``[]`` records a checked model without sink dims, and VAR is
-refused on it (the 256-wide reference models: docs/hallucination.md).
+D belongs to one pretrained language model (LLaMA-2-7B / Vicuna-7B: {2533, 1415}; LLaMA-2-13B: {2100, 4743},
+the released table). The presets key it by the text model's identity, :func:`text_model_key` (model type,
+width, depth, MLP width, KV heads: ``llama:4096x32:ffn11008:kv32``), never by width alone (Mistral-7B and
+Llama-3-8B are 4096 wide too). :func:`discover_sink_dims` finds D for any model (massive activations over a
+calibration set), :func:`sink_dim_stats` checks that the dims single out sink tokens; an unknown model is
+refused until ``sink_dims=[...]`` is passed. Since |h_d / rms(h)| <= sqrt(D_model), tau must stay below
+sqrt(hidden size); a registry entry ``[]`` records a checked model without sink dims, and VAR refuses it (the
+256-wide reference models: docs/hallucination.md).
 
 Head/row selection (per sample b, head h, query row i, on the softmax attention A)::
 
@@ -24,9 +28,16 @@ Redistribution on the selected rows (keeps each row a distribution)::
     A_ij <- A_ij + (1 - p) * S_i * A_ij / sum_{k non-sink visual} A_ik      j non-sink visual
     S_i  = sum_{j sink} A_ij                                                  (p = 0.6)
 
-As in the official code: layers ``start_layer`` (2) .. L-2 (the last layer only with ``include_last``), query
-rows after the sample's last image token in prefill, every row in decode (``decode=False`` limits VAR to the
-prefill). Only the layers VAR modifies take the eager path.
+Where, as released: layers ``start_layer`` (2) .. L-1, the last layer included (the release's config asks
+to skip it, ``except_last_layer: 1``, but ``VARProcessor`` shadows that flag with its own ``False``, so the
+released code modifies it; ``include_last=False`` is the config's intent); prefill rows after the sample's
+last image token; every decode row (``decode=False``, ours, limits VAR to the prefill). Sinks are flagged in
+the prefill only (the released prospector runs while no token has been generated), so a decoded token is never
+a sink; ``decode_sinks=True`` (ours) flags decoded tokens too. Ours as well: left-padded batches and several
+images per sample (the release takes one image, batch 1), padding is never a sink, and a row with no
+non-sink visual attention is left alone (the release divides by zero there). The release never resets its
+state between prompts (the first prompt's sinks are reused); we flag each prompt's own. Only the layers VAR
+modifies take the eager path.
 """
 
 from __future__ import annotations
@@ -49,17 +60,30 @@ from mmeff.methods._halluc import key_flags
 @dataclass(frozen=True)
 class VARConfig(MethodConfig):
     method = "var"
-    sink_dims: tuple[int, ...] = ()  # explicit sink dimensions (take precedence)
-    # known sink dimensions by decoder width (presets: the language model they were found in), used when
-    # ``sink_dims`` is empty: {"4096": [2533, 1415]} for LLaMA-2-7B / Vicuna-7B
-    sink_dims_by_width: dict[str, Any] = field(default_factory=dict)
+    sink_dims: tuple[int, ...] = ()  # explicit sink dimensions (take precedence over the registry)
+    # known sink dimensions by text-model identity (text_model_key), used when ``sink_dims`` is empty:
+    # {"llama:4096x32:ffn11008:kv32": [2533, 1415]} for LLaMA-2-7B / Vicuna-7B; [] = checked, no sink dims
+    sink_dims_by_model: dict[str, Any] = field(default_factory=dict)
     tau: float = 20.0
     rho: float = 0.5
     summ: float = 0.2
     p: float = 0.6
     start_layer: int = 2
-    include_last: bool = False
-    decode: bool = True
+    include_last: bool = True  # released: the last layer is modified (shadowed flag); False: the config's intent
+    decode: bool = True  # released: every forward; False (ours): prefill rows only
+    decode_sinks: bool = False  # released: sinks from the prefill only; True (ours): decoded tokens can be sinks
+
+
+def text_model_key(text_config: Any) -> str:
+    """The identity sink dimensions are keyed by: ``model_type:hidden x layers:ffn<MLP width>:kv<KV heads>``.
+
+    Width alone is not enough (LLaMA-2-7B, Mistral-7B and Llama-3-8B are all 4096 wide and 32 deep); fine-tunes
+    of one pretrained model (Vicuna, the LLaVA LLMs) share its key and its sink dims, which come from
+    pretraining. Two pretrained models of the very same shape share a key as well: check with
+    :func:`sink_dim_stats` when in doubt."""
+    c = text_config
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return f"{c.model_type}:{c.hidden_size}x{c.num_hidden_layers}:ffn{c.intermediate_size}:kv{kv}"
 
 
 def sink_scores(hidden: torch.Tensor, dims: Sequence[int], eps: float = 1e-6) -> torch.Tensor:
@@ -96,7 +120,8 @@ def redistribute(
 
 @dataclass
 class _Data:
-    sink: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, N + decoded] sink flags (original)
+    # layer -> [B, N] sink flags over original prompt positions ([B, N + decoded] with decode_sinks)
+    sink: dict[int, torch.Tensor] = field(default_factory=dict)
     selected: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, q] rows redistributed
 
 
@@ -108,9 +133,8 @@ class _Redistribute:
         st, c = self.state, self.method.config
         data: _Data = self.method.data(st)
         k_len = probs.shape[-1]
-        sink_orig = data.sink[call.layer]
         visual = key_flags(st, call.layer, k_len, st.visual)
-        sink = key_flags(st, call.layer, k_len, sink_orig)
+        sink = key_flags(st, call.layer, k_len, data.sink[call.layer])  # decoded keys: False unless decode_sinks
         if st.phase == "prefill":
             g = st.group_for(call.layer)
             last_vis = torch.where(st.visual, torch.arange(st.n_prompt, device=st.visual.device), -1).amax(1)
@@ -133,29 +157,33 @@ class VAR(Method):
 
     def validate(self, n_layers: int) -> None:
         c = self.config
-        hidden = self.adapter.text_config.hidden_size
-        entry = c.sink_dims_by_width.get(str(hidden))
+        text = self.adapter.text_config
+        hidden = text.hidden_size
+        key = text_model_key(text)
+        entry = c.sink_dims_by_model.get(key)
         if c.sink_dims:
-            self.sink_dims = tuple(c.sink_dims)
+            self.sink_dims = tuple(int(d) for d in c.sink_dims)
         elif entry is None:
-            known = sorted(w for w, dims in c.sink_dims_by_width.items() if dims)
+            known = sorted(k for k, dims in c.sink_dims_by_model.items() if dims)
             raise ConfigError(
-                f"var: no sink dimensions for this {hidden}-wide decoder (known for widths {known}); sink "
-                "dimensions belong to one language model: find this model's with "
-                "mmeff.methods.var.discover_sink_dims(model, processor, samples), check them with sink_dim_stats "
-                "and pass sink_dims=[...]"
+                f"var: no sink dimensions known for this text model ({key}; known: {known}). Sink dimensions "
+                "belong to one pretrained language model, so they are keyed by its identity, not its width: find "
+                "this model's with mmeff.methods.var.discover_sink_dims(model, processor, samples), check them "
+                "with sink_dim_stats (a few tokens far above the rest, above tau), then pass them: "
+                f"mmeff.wrap(model, 'var', sink_dims=[...]), or a preset file with "
+                f"sink_dims_by_model = {{ \"{key}\" = [...] }}"
             )
         elif not entry:
             # An empty entry records a checked model without massive activations (the reference models):
             # VAR would flag no sink token and change nothing, which must not pass for a result.
             raise ConfigError(
-                f"var: this family's {hidden}-wide decoder has no sink dimensions (preset sink_dims_by_width "
-                f"{{'{hidden}': []}}: checked with sink_dim_stats, no massive activations; the mmeff reference "
+                f"var: this text model ({key}) has no sink dimensions (preset sink_dims_by_model "
+                f"{{'{key}': []}}: checked with sink_dim_stats, no massive activations; the mmeff reference "
                 "models, docs/hallucination.md 'VAR on the reference models'), so VAR would find no sink token "
-                "and change nothing; refused. For another model of this width pass its own sink_dims=[...]"
+                "and change nothing; refused. For another model of this shape pass its own sink_dims=[...]"
             )
         else:
-            self.sink_dims = tuple(entry)
+            self.sink_dims = tuple(int(d) for d in entry)
         # |h_d / rms(h)| <= sqrt(hidden) for every token, so a larger tau can never flag a sink.
         if c.tau >= math.sqrt(hidden):
             raise ConfigError(
@@ -169,23 +197,32 @@ class VAR(Method):
             raise ConfigError(f"var: start_layer must be in [0, {n_layers - 1}], got {c.start_layer}")
         if not 0.0 <= c.p <= 1.0:
             raise ConfigError(f"var: p must be in [0, 1], got {c.p}")
+        if c.decode_sinks and not c.decode:
+            raise ConfigError("var: decode_sinks=true needs decode=true (decoded tokens are only seen in decode)")
         self.n_layers = n_layers
 
-    def _active(self, layer: int, state: State) -> bool:
+    def active_layers(self) -> range:
+        """The decoder layers VAR flags sinks in and modifies."""
         c = self.config
-        last = self.n_layers if c.include_last else self.n_layers - 1
-        return c.start_layer <= layer < last and (state.phase == "prefill" or c.decode)
+        return range(c.start_layer, self.n_layers if c.include_last else self.n_layers - 1)
+
+    def _active(self, layer: int, state: State) -> bool:
+        return layer in self.active_layers() and (state.phase == "prefill" or self.config.decode)
 
     def layer_input(self, layer: int, state: State, hidden: torch.Tensor) -> None:
-        """Sink flags of the layer's slots (prefill: scattered to original positions; decode: appended)."""
-        if not self._active(layer, state):
+        """Sink flags of the layer's slots: the prompt's at prefill (scattered to original positions, padding
+        never a sink); at decode only with ``decode_sinks`` (appended), else decoded keys stay non-sinks."""
+        if not self._active(layer, state) or (state.phase != "prefill" and not self.config.decode_sinks):
             return
         flags = sink_scores(hidden, self.sink_dims) > self.config.tau
         data: _Data = self.data(state)
         if state.phase == "prefill":
             g = state.group_for(layer)
+            real = g.valid
+            if state.attention_mask is not None:
+                real = real & torch.gather(state.attention_mask.bool().to(g.index.device), 1, g.index)
             sink = torch.zeros(state.visual.shape, dtype=torch.bool, device=flags.device)
-            data.sink[layer] = sink.scatter(1, g.index, flags & g.valid)
+            data.sink[layer] = sink.scatter(1, g.index.to(flags.device), flags & real.to(flags.device))
         else:
             data.sink[layer] = torch.cat([data.sink[layer], flags], 1)
 

@@ -89,4 +89,4 @@ def test_presets_listing_is_readable():
     assert result.exit_code == 0
     assert "t=39.26" in result.output and "t=39.26492840997221" not in result.output  # rounded settings
     var = next(line for line in result.output.splitlines() if line.startswith("│ var "))
-    assert "needs a decoder whose sink" in var
+    assert "needs a text model" in var  # the preset's requires line

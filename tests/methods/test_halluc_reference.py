@@ -10,7 +10,7 @@ from PIL import Image
 import mmeff
 from mmeff.families import adapter_for
 from mmeff.methods import var  # noqa: F401  (registration)
-from mmeff.methods.var import discover_sink_dims, sink_dim_stats
+from mmeff.methods.var import discover_sink_dims, sink_dim_stats, text_model_key
 from mmeff.presets import get_preset
 from mmeff_lab.models.factory import load_tiny, random_image
 from mmeff_lab.reference.model import load_reference
@@ -31,7 +31,7 @@ def _samples() -> list[tuple[str, Image.Image]]:
 def test_reference_decoders_have_no_sink_dims_and_var_refuses(arch):
     model, processor = load_reference(arch=arch)
     cfg = get_preset("var").config(FAMILY[arch])
-    assert cfg.sink_dims_by_width["256"] == []  # each family keys its own 256-wide reference decoder
+    assert cfg.sink_dims_by_model[text_model_key(model.config.text_config)] == []  # checked: none
     samples = _samples()
     dims = discover_sink_dims(model, processor, samples, k=2)
     stats = sink_dim_stats(model, processor, samples, dims)
@@ -41,7 +41,7 @@ def test_reference_decoders_have_no_sink_dims_and_var_refuses(arch):
     assert stats["max"] < 13.0 < cfg.tau
     assert stats["ratio"] < 1.5
     assert stats["first"] < stats["typical"]
-    with pytest.raises(mmeff.ConfigError, match=r"256-wide decoder has no sink dimensions .*refused"):
+    with pytest.raises(mmeff.ConfigError, match=r"text model \(.*:256x6:.*\) has no sink dimensions .*refused"):
         mmeff.wrap(model, "var")
     with pytest.raises(mmeff.ConfigError, match=r"tau 20.0 is unreachable on a 256-wide decoder"):
         mmeff.wrap(model, "var", sink_dims=dims)
