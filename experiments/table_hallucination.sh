@@ -13,8 +13,8 @@ trap 'tar czf "${OUT:-/tmp/out}/hallucination.tgz" -C out hallucination' EXIT
 P=benchmarks/presets
 python3 -c "from mmeff_lab.reference.synthetic import ensure_benchmarks as e; print(e())" || exit 1  # once, not per eval
 for m in ${MODELS:-llava qwen2vl}; do
-  if [ $m = llava ]; then presets="vhr,fia,pai,vcd,$P/fia-code.toml,$P/vhr-a15.toml,$P/vhr-a125.toml,$P/fia-x2.toml"
-  else presets="$P/vhr-all-layers.toml,fia,pai,vcd"; fi  # VHR has no Qwen layers in the paper: ours, labelled
+  if [ $m = llava ]; then presets="vhr,$P/fia-former.toml,pai,vcd,$P/fia-code.toml,$P/vhr-a15.toml,$P/vhr-a125.toml,$P/fia-x2.toml"
+  else presets="$P/vhr-all-layers.toml,$P/fia-former.toml,pai,vcd"; fi  # VHR has no Qwen layers in the paper: ours, labelled
   rm -rf $R/$m  # a fresh run (mmeff eval refuses a folder holding another one)
   ( timeout ${BUDGET_S:-560} python3 -m mmeff_lab.cli eval --model reference-$m --tasks chair,pope_adversarial \
       --limit ${LIMIT:-500} --chair-max-new-tokens 96 --batch-size ${BATCH:-64} --n-boot ${N_BOOT:-200} \

@@ -1,5 +1,6 @@
-"""FIA: fixing imbalanced attention (Tang et al., "Fixing Imbalanced Attention to Mitigate In-Context
-Hallucination of Large Vision-Language Model", arXiv 2501.12206; released code: a fork of PAI).
+"""FIA: fixing imbalanced attention (Arif et al., arXiv 2501.12206: "Fixing Imbalanced Attention to Mitigate
+In-Context Hallucination of Large Vision-Language Model", later retitled "PAINT: Paying Attention to INformed
+Tokens ..."; released code hasanar1f/PAINT, a fork of PAI).
 
 Dual-stream token selection, per image, from the vision tower's CLS attention (CLS row, summed over heads,
 computed from the layer's own q/k projections on its input — the tower stays SDPA)::
@@ -11,35 +12,45 @@ computed from the layer's own q/k projections on its input — the tower stays S
 Qwen towers have no CLS token: the score of a patch is the attention it *receives*, averaged over the query
 patches of its attention segment (the image, or the window in Qwen2.5's windowed layers) and the heads; a
 merged LLM token takes the mean of its merge x merge patches. LLaVA-NeXT's tiles are stitched and unpadded
-exactly as the model does with its features; newline tokens are never selected.
+exactly as the model does with its features; newline tokens are never selected. (The release is LLaVA-1.5
+only, and selects from the batch's first image for every sample; we select per image.)
 
 Logit modulation on the last query row, pre-softmax, at decoder layers [start_layer, end_layer)::
 
-    a_j <- a_j + alpha_h |a_j|   (j in top,    alpha = 0.7)
-    a_j <- a_j + beta_h  |a_j|   (j in bottom, beta  = 0.3)
+    a_j <- a_j + alpha_h |a_j|   (j in top)
+    a_j <- a_j + beta_h  |a_j|   (j in bottom)
 
-Head-specific modulation (the paper's, not in the released code; our reading): heads are modulated in
-proportion to how much they already look at the image. With v_h = the share of head h's unmodified
-last-row attention on the image tokens, ``alpha_h = alpha * v_h / mean_h v_h`` (same for beta); heads that
-ignore the image are left nearly unchanged, visually-engaged heads get the stronger push. ``head_specific =
-False`` gives the released code's uniform alpha / beta.
+with PAI's classifier-free guidance against the no-image prompt on the logits (gamma 1.1, plausibility cutoff
+0.1: :func:`mmeff.methods.pai.cfg_logits`), which the release always runs with. ``reading="released"``: as in
+PAI's release the modulation is skipped for the step that produces the first token when CFG is on (one-word
+answers get CFG only); ``"text"`` modulates every step. The released scripts: CHAIR alpha 0.9 / beta 0.3 (the
+``fia`` preset), POPE alpha 0.5; the parser's default alpha 0.7.
+
+Head-specific modulation (the paper's text, not in the released code; ``head_specific=True``, our reading,
+preset ``fia-heads``): heads are modulated in proportion to how much they already look at the image. With
+v_h = the share of head h's unmodified last-row attention on the image tokens,
+``alpha_h = alpha * min(v_h / mean_h v_h, head_cap)`` (same for beta): heads that ignore the image are left
+nearly unchanged, visually engaged heads get at most ``head_cap`` times the uniform push (unbounded, the
+ratio reaches H for a single engaged head).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from mmeff.config import MethodConfig
 from mmeff.engine.attention import AttentionCall
 from mmeff.engine.method import Method, Point, register_method
+from mmeff.engine.side_stream import SideStream
 from mmeff.engine.state import State
 from mmeff.errors import ConfigError, MmeffError
 from mmeff.families.base import VisionCall
 from mmeff.methods._halluc import boost_last_row, check_layers, key_flags
+from mmeff.methods.pai import amplifies, check_guidance, guided_logits, start_guidance
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,11 @@ class FIAConfig(MethodConfig):
     global_layer: int = -2
     start_layer: int = 2
     end_layer: int | None = None
-    head_specific: bool = True
+    gamma: float = 1.1  # PAI's CFG against the no-image prompt (1: none)
+    cutoff: float | None = 0.1  # its plausibility cutoff
+    reading: Literal["released", "text"] = "released"  # when the modulation acts (the module doc)
+    head_specific: bool = False  # ours: the paper's head rule as we read it
+    head_cap: float = 2.0  # bound of the head factor v_h / mean v (head_specific only)
 
 
 def dual_stream(local: torch.Tensor, global_: torch.Tensor, top_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +112,7 @@ class _Modulate:
             visual = key_flags(st, call.layer, k_len, st.visual).to(scores.device)
             probs = torch.softmax(scores[:, :, -1].float(), -1)
             share = (probs * visual[:, None, :]).sum(-1)  # [B, H]
-            weight = share / share.mean(-1, keepdim=True).clamp_min(1e-12)
+            weight = (share / share.mean(-1, keepdim=True).clamp_min(1e-12)).clamp_max(c.head_cap)
             alpha, beta = c.alpha * weight, c.beta * weight
         out = boost_last_row(scores, top, alpha)
         return boost_last_row(out, bottom, beta)
@@ -106,10 +121,12 @@ class _Modulate:
 @dataclass
 class _Data:
     streams: tuple[torch.Tensor, torch.Tensor] | None = None  # (top, bottom) [B, N] bool, original positions
+    side: SideStream | None = None  # the no-image prompt (CFG), None at gamma = 1
+    last: torch.Tensor | None = None  # its last logits [B, V]
 
 
 class FIA(Method):
-    points = frozenset({Point.ENCODER, Point.LAYER})
+    points = frozenset({Point.ENCODER, Point.LAYER, Point.LOGITS})
     Data = _Data
 
     config: FIAConfig
@@ -122,6 +139,11 @@ class FIA(Method):
             raise ConfigError(f"fia: vision layers ({c.local_layer}, {c.global_layer}) outside a {depth}-layer tower")
         if not 0.0 < c.top_ratio <= 1.0:
             raise ConfigError(f"fia: top_ratio must be in (0, 1], got {c.top_ratio}")
+        if c.alpha < 0 or c.beta < 0:
+            raise ConfigError(f"fia: alpha and beta must be >= 0, got {c.alpha}, {c.beta}")
+        if not c.head_cap >= 1.0:
+            raise ConfigError(f"fia: head_cap must be >= 1 (the factor's mean is 1), got {c.head_cap}")
+        check_guidance("fia", c.gamma, c.cutoff, c.reading)
         self.vision_idx = tuple(i % depth for i in (c.local_layer, c.global_layer))
         self.vision_layers = tuple(sorted(set(self.vision_idx)))
         # per observed vision layer, the per-unit token scores of the last tower call (the tower may run before
@@ -159,13 +181,20 @@ class FIA(Method):
             bottom[b, pos] = bt.to(top.device)
         return top, bottom
 
+    def begin(self, state: State, inputs: dict[str, Any]) -> None:
+        start_guidance(self, self.data(state), state, inputs, self.config.gamma)
+
     def attention_hooks(self, layer: int, state: State) -> list[Any]:
-        if layer not in self.layers or not state.visual.any():
+        c = self.config
+        if layer not in self.layers or not state.visual.any() or not amplifies(c.reading, c.gamma, state):
             return []
         data: _Data = self.data(state)
         if data.streams is None:
             data.streams = self._select(state)
         return [_Modulate(self, state)]
+
+    def process_logits(self, state: State, logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        return guided_logits(self.data(state), state, logits, inputs, self.config.gamma, self.config.cutoff)
 
 
 register_method(FIAConfig, FIA)

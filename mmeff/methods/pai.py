@@ -90,35 +90,56 @@ class PAI(Method):
         c = self.config
         if c.alpha < 0:
             raise ConfigError(f"pai: alpha must be >= 0, got {c.alpha}")
-        if c.cutoff is not None and not 0.0 < c.cutoff <= 1.0:
-            raise ConfigError(f"pai: cutoff must be in (0, 1] or None, got {c.cutoff}")
-        if c.reading not in ("released", "text"):
-            raise ConfigError(f"pai: reading must be 'released' or 'text', got {c.reading!r}")
+        check_guidance("pai", c.gamma, c.cutoff, c.reading)
 
     def begin(self, state: State, inputs: dict[str, Any]) -> None:
-        if self.config.gamma == 1.0:
-            return
-        pad = self.adapter.text_config.pad_token_id
-        data: _Data = self.data(state)
-        data.side = self.host.side_stream(text_only_inputs(state, inputs, 0 if pad is None else int(pad)))
-        data.last = data.side.begin()
+        start_guidance(self, self.data(state), state, inputs, self.config.gamma)
 
     def attention_hooks(self, layer: int, state: State) -> list[Any]:
         c = self.config
-        if c.alpha <= 0 or layer not in self.layers:
+        if c.alpha <= 0 or layer not in self.layers or not amplifies(c.reading, c.gamma, state):
             return []
-        if c.reading == "released" and c.gamma != 1.0 and state.phase == "prefill":
-            return []  # the released code: the first token is computed with CFG on, which skips the patch
         return [_Amplify(state, c.alpha)] if state.visual.any() else []
 
     def process_logits(self, state: State, logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        data: _Data = self.data(state)
-        if data.side is None:
-            return logits
-        if state.phase == "decode":
-            data.last = data.side.step(inputs["input_ids"])
-        c = self.config
-        return last_position_logits(logits, cfg_logits(logits[:, -1], data.last, c.gamma, c.cutoff))
+        return guided_logits(self.data(state), state, logits, inputs, self.config.gamma, self.config.cutoff)
+
+
+def check_guidance(name: str, gamma: float, cutoff: float | None, reading: str) -> None:
+    if not gamma > 0:
+        raise ConfigError(f"{name}: gamma must be > 0 (1: no CFG), got {gamma}")
+    if cutoff is not None and not 0.0 < cutoff <= 1.0:
+        raise ConfigError(f"{name}: cutoff must be in (0, 1] or None, got {cutoff}")
+    if reading not in ("released", "text"):
+        raise ConfigError(f"{name}: reading must be 'released' or 'text', got {reading!r}")
+
+
+def amplifies(reading: str, gamma: float, state: State) -> bool:
+    """Whether the attention patch acts at this step: the released code (PAI and its FIA fork) skips it for the
+    step that produces the first token when CFG is on (``if use_attn and not use_cfg``; ``use_cfg`` is switched
+    off by the CFG processor only after its first call); the paper's text (``"text"``) patches every step."""
+    return not (reading == "released" and gamma != 1.0 and state.phase == "prefill")
+
+
+def start_guidance(method: Method, data: Any, state: State, inputs: dict[str, Any], gamma: float) -> None:
+    """Open the no-image prompt's side stream (``data.side``) and its first logits (``data.last``) for CFG;
+    nothing at gamma = 1 (the unchanged model, as in the released code)."""
+    if gamma == 1.0:
+        return
+    pad = method.adapter.text_config.pad_token_id
+    data.side = method.host.side_stream(text_only_inputs(state, inputs, 0 if pad is None else int(pad)))
+    data.last = data.side.begin()
+
+
+def guided_logits(data: Any, state: State, logits: torch.Tensor, inputs: dict[str, Any], gamma: float,
+                  cutoff: float | None) -> torch.Tensor:
+    """``logits`` with the last position replaced by the CFG of :func:`cfg_logits` (the side stream decodes the
+    same token first); unchanged without a side stream."""
+    if data.side is None:
+        return logits
+    if state.phase == "decode":
+        data.last = data.side.step(inputs["input_ids"])
+    return last_position_logits(logits, cfg_logits(logits[:, -1], data.last, gamma, cutoff))
 
 
 register_method(PAIConfig, PAI)
