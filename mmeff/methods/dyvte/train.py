@@ -1,8 +1,9 @@
 """Training of the DyVTE routers on a frozen VLM, with labels built on the fly.
 
-Each step takes a fresh teacher-forced batch (prompt + answer) and labels it for every exit layer ``k`` in
-``min_layer .. L-1`` (one rendered batch serves all routers: image making, not the tiny forwards, dominates a
-step), all as single prefill forwards without cache:
+Each step takes a fresh teacher-forced batch (prompt + answer) and labels it for the exit layers of the step
+(``exit_layers``: ``"all"`` — ours, every ``k`` in ``min_layer .. L-1``: one rendered batch serves all routers,
+and image making, not the tiny forwards, dominates a step; ``"one"`` — the paper and its released code, one
+``k`` drawn uniformly per step), all as single prefill forwards without cache:
 
 * full: the unchanged model, once; pre-hooks on the layers record the hidden states entering each ``k`` (the
   routers' inputs, :func:`mmeff.methods.dyvte.router_features` on the prompt part);
@@ -11,13 +12,17 @@ step), all as single prefill forwards without cache:
 
 :func:`exit_labels` turns the two into labels: exit = 1 iff the greedy answer-token predictions agree on
 more than ``agree`` (0.99) of the answer positions and the answer loss is below ``tol`` (1.03) x the full
-loss. The loss is the mean over layers of router ``k``'s cross-entropy; every other parameter stays frozen.
+loss. The loss is the mean over the step's layers of router ``k``'s cross-entropy; every other parameter stays
+frozen. Optimiser: AdamW (weight decay 0), learning rate ``lr · f(s)`` with :func:`warmup_cosine` (``warmup``:
+share of the steps with a linear warm-up; the released code, DoubtedSteam/DyVTE
+``scripts/v1_5/finetune_visual_gate.sh``, uses lr 6e-5, warm-up ratio 0.03, cosine, global batch 8 x 16).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -125,27 +130,60 @@ def build_step(model: Any, batch: Batch, layers: list[int], abs_tol: float = 0.0
     return out
 
 
+EXIT_LAYERS = {"all": "ours: every exit layer labelled on each batch",
+               "one": "paper / released code: one exit layer drawn uniformly per step"}
+
+
+def warmup_cosine(steps: int, warmup: float = 0.0) -> Callable[[int], float]:
+    """Learning-rate factor of step ``s`` (0-based): with ``w = ceil(warmup · steps)`` warm-up steps,
+    ``f(s) = s / w`` for ``s < w``, then ``f(s) = (1 + cos(π (s - w) / (steps - w))) / 2`` — the schedule of
+    transformers' ``get_cosine_schedule_with_warmup`` that the released code's ``warmup_ratio`` selects;
+    ``warmup = 0`` is plain cosine decay from the full rate."""
+    if steps < 1:
+        raise MmeffError(f"train dyvte: steps must be >= 1, got {steps}")
+    if not 0.0 <= warmup < 1.0:
+        raise MmeffError(f"train dyvte: warmup is a share of the steps in [0, 1), got {warmup}")
+    w = math.ceil(warmup * steps)
+
+    def factor(s: int) -> float:
+        if s < w:
+            return s / w
+        rest = max(steps - w, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(s - w, rest) / rest))
+
+    return factor
+
+
 def train_dyvte(model: Any, processor: Any, examples: Iterator[Example], *, steps: int, batch_size: int = 4,
                 lr: float = 6e-5, width: int = 2048, min_layer: int = 1, seed: int = 0, abs_tol: float = 0.0,
-                progress: Progress | None = None) -> tuple[DyVTERouters, dict[str, Any]]:
-    """Train a router set for ``model``; returns it and a report (label rates per layer, final losses)."""
+                warmup: float = 0.0, exit_layers: str = "all", progress: Progress | None = None
+                ) -> tuple[DyVTERouters, dict[str, Any]]:
+    """Train a router set for ``model``; returns it and a report (label rates per layer, final losses).
+
+    ``warmup`` (share of the steps, the paper's code 0.03) and ``exit_layers`` (``"all"`` or ``"one"``, see the
+    module doc) select between our settings (the defaults) and the paper's."""
     adapter = adapter_for(model)
     n_layers = len(adapter.layers)
     if not 1 <= min_layer < n_layers:
         raise MmeffError(f"train dyvte: min_layer must be in [1, {n_layers - 1}], got {min_layer}")
+    if exit_layers not in EXIT_LAYERS:
+        raise MmeffError(f"train dyvte: exit_layers must be one of {', '.join(EXIT_LAYERS)}, got {exit_layers!r}")
+    schedule = warmup_cosine(steps, warmup)
     torch.manual_seed(seed)
+    rnd = random.Random(seed)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     routers = DyVTERouters(int(adapter.text_config.hidden_size), n_layers, width).to(device)
     opt = torch.optim.AdamW(routers.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     layers = list(range(min_layer, n_layers))
     seen = {k: [0, 0] for k in layers}  # layer -> [exit labels, samples]
     hits = {k: [0, 0] for k in layers}  # layer -> [router correct, samples]
     loss_sum = 0.0
     for step in range(steps):
         batch = make_batch(processor, [next(examples) for _ in range(batch_size)], device, dtype)
-        per_layer = build_step(model, batch, layers, abs_tol)
+        step_layers = layers if exit_layers == "all" else [rnd.choice(layers)]
+        per_layer = build_step(model, batch, step_layers, abs_tol)
         losses = []
         for k, (feats, labels, _) in per_layer.items():
             logits = routers(k, feats)
@@ -161,10 +199,12 @@ def train_dyvte(model: Any, processor: Any, examples: Iterator[Example], *, step
         sched.step()
         loss_sum += loss.item()
         if progress is not None:
-            rate = sum(int(v[1].sum()) for v in per_layer.values()) / (len(layers) * batch_size)
+            rate = sum(int(v[1].sum()) for v in per_layer.values()) / (len(step_layers) * batch_size)
             progress(step + 1, steps, {"loss": loss.item(), "exit_rate": rate})
     report = {
         "steps": steps,
+        "warmup": warmup,
+        "exit_layers": exit_layers,
         "mean_loss": loss_sum / max(steps, 1),
         "exit_label_rate": {k: (v[0] / v[1] if v[1] else None) for k, v in seen.items()},
         "router_train_accuracy": {k: (v[0] / v[1] if v[1] else None) for k, v in hits.items()},
