@@ -405,7 +405,7 @@ class VFlowOpt(Method):
         plan = data.plan
         # released count (layout_in_count): the image's newlines are part of n but never dropped
         n_drop = torch.round((count + plan.layout_t).double() * (1.0 - ratio)).long()
-        n_drop[n_spans] = 0
+        n_drop[n_spans:].zero_()  # a fill kernel: ``n_drop[i] = 0`` copies a host scalar (a capture refuses it)
         keep = (rank_in_group(scores, span, count) >= n_drop[span]).view(g.index.shape)
         # n - min(n, round((n + h) (1 - ratio))) grows with n: each image's bound follows from its bound before
         data.bound = [k - min(k, round((k + h) * (1.0 - ratio))) for k, h in zip(data.bound, plan.layout)]
