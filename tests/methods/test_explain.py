@@ -205,9 +205,11 @@ def test_mapper_is_fully_convolutional_and_generalises_to_larger_grids():
         assert corr > 0.9, (shape, float(corr))
 
 
+@pytest.mark.parametrize("scorer", ["mapper", "attention"])
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_pruning_at_input_equals_slow_reference(tiny_model_dir, tmp_path, family):
+def test_pruning_at_input_equals_slow_reference(tiny_model_dir, tmp_path, family, scorer):
+    """``explain-*`` (the mapper on the explicit channels) and ``explain-attn-*`` (ours: channel 0 itself)."""
     path = tiny_model_dir(family)
     eager, processor = load_tiny(path, attn_implementation="eager")
     sdpa, _ = load_tiny(path, attn_implementation="sdpa")
@@ -224,7 +226,8 @@ def test_pruning_at_input_equals_slow_reference(tiny_model_dir, tmp_path, family
     ratio = 0.75
     att0 = eager(**inputs, output_attentions=True, use_cache=False).attentions[0]
     n = inputs["input_ids"].shape[1]
-    scores = explicit_scores(mapper, explicit_channels(att0, visual, inputs["attention_mask"], n), spans)
+    channels = explicit_channels(att0, visual, inputs["attention_mask"], n)
+    scores = explicit_scores(mapper, channels, spans) if scorer == "mapper" else channels[:, 0]
     keep = ~(visual & ~layout)  # per sample, the round(n (1 - ratio)) best-scored prunable cells
     for b in range(visual.shape[0]):
         cells = sorted((j for j in range(n) if visual[b, j] and not layout[b, j]), key=lambda j: -float(scores[b, j]))
@@ -233,7 +236,8 @@ def test_pruning_at_input_equals_slow_reference(tiny_model_dir, tmp_path, family
     steps = 4
     ref_ids, ref_logits = reference_generate(eager, inputs, ~keep, 0, steps)
     ckpt = save_mapper(tmp_path / "m.safetensors", sdpa, mapper)
-    with mmeff.wrap(sdpa, "explain-50", checkpoint=str(ckpt), ratio=ratio) as handle:
+    preset = ("explain-50", {"checkpoint": str(ckpt)}) if scorer == "mapper" else ("explain-attn-50", {})
+    with mmeff.wrap(sdpa, preset[0], ratio=ratio, **preset[1]) as handle:
         out = sdpa.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                             output_logits=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref_ids), family

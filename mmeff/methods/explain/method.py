@@ -14,6 +14,10 @@ over the visual grid. Inference (this method, ``Point.INPUT``):
 3. per sample the ``round(n * (1 - ratio))`` visual tokens of highest predicted relevance are kept, the
    rest never enter the decoder (layout tokens such as LLaVA-NeXT's row newlines are always kept).
 
+``scorer="attention"`` (ours; presets ``explain-attn-*``) skips step 2: the tokens are ranked by channel 0 itself,
+the last prompt row's layer-0 attention — the input the mapper reads, which the trained mappers do not beat on
+held-out relevance (docs/trained-pruners.md). No checkpoint.
+
 Reading of the paper: the compression happens "at the input stage of the LLM", and the mapper "avoids a full
 inference pass"; the first layer's attention map is therefore taken from the unpruned input and layer 0
 then runs on the kept tokens only. The probe costs one attention of layer 0 over the full sequence.
@@ -22,7 +26,7 @@ then runs on the kept tokens only. The probe costs one attention of layer 0 over
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -44,6 +48,7 @@ class ExplainConfig(MethodConfig):
     method = "explain"
     ratio: float = 0.5  # share of visual tokens removed
     checkpoint: str = ""
+    scorer: Literal["mapper", "attention"] = "mapper"  # "attention" (ours): channel 0 alone, no checkpoint
 
 
 class RelevanceMapper(nn.Module):
@@ -150,7 +155,9 @@ class Explain(Method):
     def validate(self, n_layers: int) -> None:
         if not 0.0 <= self.config.ratio <= 1.0:
             raise ConfigError(f"explain: ratio must be in [0, 1], got {self.config.ratio}")
-        if self.mapper is None:
+        if self.config.scorer not in ("mapper", "attention"):
+            raise ConfigError(f"explain: scorer must be 'mapper' or 'attention', got {self.config.scorer!r}")
+        if self.config.scorer == "mapper" and self.mapper is None:
             self.mapper = load_mapper(self.config.checkpoint, self.adapter)
 
     @torch.no_grad()
@@ -169,7 +176,10 @@ class Explain(Method):
         if layer != 0 or not bool(state.visual.any()):
             return None
         channels = self.first_layer_channels(state, hidden)
-        scores = predict_relevance(self.mapper.to(hidden.device), channels, state.spans)
+        if self.config.scorer == "attention":
+            scores = channels[:, 0].float()
+        else:
+            scores = predict_relevance(self.mapper.to(hidden.device), channels, state.spans)
         return keep_top_of_state(state, scores, self.config.ratio)
 
 
