@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -73,8 +75,8 @@ def wrap(
     ``cuda_graphs=True`` (or ``"decode"``): decode steps read a preallocated KV cache and replay one CUDA graph
     per token (:mod:`mmeff.engine.static_decode`). ``cuda_graphs="all"``: also a prefill whose shapes were seen
     before replays one CUDA graph of the whole forward (:mod:`mmeff.engine.prefill_graph`;
-    ``handle.stats["prefill_graph"]`` says how the last one ran) — new, tested on CPU against its eager reference,
-    not yet measured on a GPU, hence not part of ``True`` yet. The model must sit on one CUDA device, and every
+    ``handle.stats["prefill_graph"]`` says how the last one ran) — opt-in: measured on LLaVA-1.5 only so far
+    (docs/performance.md), hence not part of ``True`` yet. The model must sit on one CUDA device, and every
     method be graphable.
 
     ``timing=True``: ``handle.stats`` also reports the prefill and decode wall times; each forward then waits for
@@ -82,6 +84,7 @@ def wrap(
     """
     if model in _HANDLES:
         raise MmeffError("this model is already wrapped; call mmeff.unwrap(model) first")
+    check_transformers()
     if cuda_graphs not in (False, True, "decode", "all"):
         raise MmeffError(f"cuda_graphs must be False, True / 'decode' or 'all', got {cuda_graphs!r}")
     adapter = adapter_for(model)
@@ -102,6 +105,30 @@ def wrap(
     handle = Handle(model, pipeline)
     _HANDLES[model] = handle
     return handle
+
+
+TESTED_TRANSFORMERS = ((5, 17), 5)  # the oldest tested release, and the one major version the hooks are written for
+ALLOW_UNTESTED = "MMEFF_ALLOW_UNTESTED_TRANSFORMERS"
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Refuse a transformers release outside the tested range (the pins say so too, but an environment can hold
+    another one): mmeff patches attention functions, caches and model forwards whose internals change between
+    majors, and a silent mismatch would give wrong numbers, not errors. ``MMEFF_ALLOW_UNTESTED_TRANSFORMERS=1``
+    lets a user try anyway."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    (oldest, major) = TESTED_TRANSFORMERS
+    if parts is None or os.environ.get(ALLOW_UNTESTED) == "1":
+        return
+    got = (int(parts[1]), int(parts[2]))
+    if got[0] != major or got < oldest:
+        raise MmeffError(f"transformers {version} is untested: mmeff supports {oldest[0]}.{oldest[1]} up to the "
+                         f"latest {major}.x (pip install 'transformers>={oldest[0]}.{oldest[1]},<{major + 1}'); "
+                         f"set {ALLOW_UNTESTED}=1 to try it anyway")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -249,3 +249,15 @@ def test_import_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0 and out.stdout.strip() == "adapter_for", out.stderr[-2000:]
+
+
+def test_untested_transformers_is_refused(monkeypatch):
+    from mmeff.api import check_transformers
+
+    for ok in ("5.17.0", "5.25.0", "5.40.0.dev0"):
+        check_transformers(ok)
+    for bad in ("4.57.1", "5.16.2", "6.0.0"):
+        with pytest.raises(mmeff.MmeffError, match=rf"transformers {re.escape(bad)} is untested.*<6"):
+            check_transformers(bad)
+    monkeypatch.setenv("MMEFF_ALLOW_UNTESTED_TRANSFORMERS", "1")
+    check_transformers("6.0.0")
