@@ -49,6 +49,17 @@ MAXLINN_GENERATED = [
      "dining table", "cake", "person"],
     ["bear", "bear", "bear", "bear"],
 ]
+MAXLINN_WORDS = [
+    "the image feature a young child sitting in a high chair , reaching for a birthday cake placed on a dining "
+    "table . the cake ha a single pink candle on it , indicating that it is a birthday celebration . another "
+    "person , possibly a woman , is present in the scene , standing behind the child and holding out their hand "
+    "toward the cake . a cup is also visible on the table , close to the cake . the scene capture a joyful "
+    "moment of a child ' birthday celebration .",
+    "the image feature a large white polar bear swimming in a blue pool of water . the bear is in the proces of "
+    "diving underwater , with it head submerged and it body partially visible . the bear ' paw is also visible "
+    ", as it swim through the water . the scene capture the bear ' natural behavior and movement in it aquatic "
+    "environment .",
+]
 # Model-style captions of real COCO val2014 images with hallucinations, checked by hand against the
 # official rules and the shipped ground truth.
 HANDMADE = [
@@ -95,9 +106,10 @@ def test_official_outputs_reproduced() -> None:
     assert r.sentences[0]["mscoco_gt_words"] == sorted(["dining table", "cup", "chair", "person", "cake"])
     assert r.sentences[1]["mscoco_gt_words"] == ["bear", "person"]
     assert [len(s["words"]) for s in r.sentences] == [94, 66]
-    # Tokens agree one to one with the official list; only lemmas differ where it used pattern.singularize.
-    assert r.sentences[0]["words"][:12] == ["the", "image", "feature", "a", "young", "child", "sitting", "in",
-                                            "a", "high", "chair", ","]
+    # The official "words" lists (pattern.singularize: has -> ha, its -> it, process -> proces, 's -> ').
+    assert [" ".join(s["words"]) for s in r.sentences] == MAXLINN_WORDS
+    wordnet = evaluate_chair(MAXLINN, protocol="wordnet")  # the noun lemmatizer differs in words, not objects
+    assert wordnet.sentences[1]["words"][21] == "process" and wordnet.metrics == r.metrics
     assert r.metrics["CHAIRs"] == 0 and r.metrics["CHAIRi"] == 0 and r.metrics["Recall"] == pytest.approx(6 / 7)
 
 

@@ -31,7 +31,14 @@ def eval_command(
                                 "is reported, not recomputed)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation in --output."),
     chair_max_new_tokens: int = typer.Option(512, "--chair-max-new-tokens"),
+    chair_protocol: str = typer.Option("original", "--chair-protocol", help="CHAIR words: original (the "
+                                       "standalone CHAIR script), opera (OPERA's chair.py) or wordnet."),
+    chair_images: str = typer.Option("pope", "--chair-images", help="CHAIR images: pope (the 500 POPE images; "
+                                     "synthetic data: its CHAIR set) or a file of image ids."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
+    clipscore: str | None = typer.Option(None, "--clipscore", help="CLIPScore of the CHAIR captions with an "
+                                         "open_clip model: MODEL:PRETRAINED (checkpoint file or tag), e.g. "
+                                         "ViT-B-32:/path/weights.pt (pip install \"mmeff[clip]\")."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Decode from CUDA graphs (presets that allow "
                                      "it; the others decode eagerly). Needs --device cuda."),
@@ -44,8 +51,9 @@ def eval_command(
     cfg = EvalConfig(model=model, presets=preset, tasks=tasks, data=data, limit=limit, batch_size=batch_size,
                      device=device, dtype=dtype, output=output, log_samples=log_samples, resume=resume,
                      overwrite=overwrite,
-                     chair_max_new_tokens=chair_max_new_tokens, n_boot=n_boot, progress=progress,
-                     cuda_graphs=cuda_graphs)
+                     chair_max_new_tokens=chair_max_new_tokens, chair_protocol=chair_protocol,
+                     chair_images=chair_images, n_boot=n_boot, progress=progress,
+                     cuda_graphs=cuda_graphs, clipscore=clipscore)
     try:
         results = run_eval(cfg)
     except KeyboardInterrupt:

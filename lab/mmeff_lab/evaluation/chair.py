@@ -1,17 +1,25 @@
 """CHAIR (Rohrbach et al. 2018): object hallucination in captions, as the official evaluator computes it.
 
-Re-implements ``chair.py`` of LisaAnne/Hallucination in its Python-3 form (Maxlinn's standalone copy,
-as embedded in OPERA and others, with the Recall metric) using the WordNet noun lemmatizer variant:
-tokens = ``nltk.word_tokenize(caption.lower())``, each lemmatised with ``WordNetLemmatizer().lemmatize``
-(offline, see ``nlp.py``); official double words merged left to right ("baby X"/"adult X" -> X for
-animal words, "passenger jet/train" -> jet/train, "toilet seat" -> toilet, ...); "seat" dropped when
-"toilet" is present; words in the synonym list mapped to their COCO category ("node word").
-The synonym list is parsed exactly as the official code does (``line.strip().split(', ')``), so its
-quirks (e.g. " motor bike" with a leading space never matching) are kept on purpose.
+Re-implements ``chair.py`` of LisaAnne/Hallucination in its Python-3 standalone form (Maxlinn's
+CHAIR-metric-standalone, also embedded in OPERA and others, with the Recall metric). Three protocols
+(:data:`PROTOCOLS`) differ only in how each token is normalised before matching (``chair_words.py``):
+
+* ``original`` (default): ``pattern.en.singularize`` on every token, as the standalone script -- and so the
+  official cached ground truth -- does;
+* ``opera``: OPERA's ``chair.py``: nltk POS tags, then the WordNet lemma under each tag (needs nltk data that
+  only nltk's downloader provides);
+* ``wordnet``: the WordNet noun lemma of every token (offline, ``nlp.py``), mmeff's rule before the protocols.
+
+Shared by all: tokens = ``nltk.word_tokenize(caption.lower())`` (offline, ``nlp.py``); official double words
+merged left to right ("baby X"/"adult X" -> X for animal words, "passenger jet/train" -> jet/train, "toilet
+seat" -> toilet, "train track" kept as one non-object word, ...); "seat" dropped when "toilet" is present; words
+in the synonym list mapped to their COCO category ("node word"). The synonym list is parsed exactly as the
+official code does (``line.strip().split(', ')``), so its quirks (e.g. " motor bike" with a leading space never
+matching) are kept on purpose.
 
 Ground truth: the shipped ``coco2014_image_objects.json.gz`` (the official object sets of all COCO 2014
-images: instance categories plus caption mentions) or built from COCO ``instances_*.json`` and
-``captions_*.json`` with pycocotools the official way.
+images: instance categories plus caption mentions, built with the ``original`` words) or built from COCO
+``instances_*.json`` and ``captions_*.json`` with pycocotools the official way, with the chosen protocol's words.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import gzip
 import io
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -29,9 +37,21 @@ from typing import Any
 
 import numpy as np
 
+from mmeff.errors import MmeffError
+
 from ._io import read_json_records, read_text, require, shipped_path
+from .chair_words import Lemmatizer, Tagger, nltk_opera_tools, opera_normalise, singularize
 from .errors import DataError
 from .nlp import lemmatize_noun, word_tokenize
+
+# name -> what it is (recorded with every result)
+PROTOCOLS: dict[str, str] = {
+    "original": "the standalone CHAIR script (pattern.en.singularize per token)",
+    "opera": "OPERA chair.py (nltk POS tag, WordNet lemma per tag)",
+    "wordnet": "WordNet noun lemma per token (mmeff before the protocols)",
+}
+DEFAULT_PROTOCOL = "original"
+Normaliser = Callable[[list[str]], list[str]]
 
 # The official hard-coded rules, verbatim in content.
 COCO_DOUBLE_WORDS = (
@@ -91,9 +111,30 @@ class CaptionWords:
     raw_words: list[str]  # all words after merging; Len counts these
 
 
-def caption_to_words(caption: str, synonyms: Mapping[str, str] | None = None) -> CaptionWords:
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise MmeffError(f"unknown CHAIR protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def normaliser(protocol: str = DEFAULT_PROTOCOL, opera_tools: tuple[Tagger, Lemmatizer] | None = None) -> Normaliser:
+    """The protocol's token -> word function over a caption's token list. ``opera_tools`` = (tagger, lemmatiser)
+    replaces nltk's (whose data is rarely installed: see ``chair_words.py``)."""
+    check_protocol(protocol)
+    if protocol == "original":
+        return lambda tokens: [singularize(w) for w in tokens]
+    if protocol == "wordnet":
+        return lambda tokens: [lemmatize_noun(w) for w in tokens]
+    tagger, lemmatizer = nltk_opera_tools() if opera_tools is None else opera_tools
+    return lambda tokens: opera_normalise(tokens, tagger, lemmatizer)
+
+
+def caption_to_words(caption: str, synonyms: Mapping[str, str] | None = None,
+                     protocol: str | Normaliser = DEFAULT_PROTOCOL) -> CaptionWords:
+    """The official ``caption_to_words``; ``protocol`` = a protocol name or a :func:`normaliser`."""
     synonyms = _default_synonyms() if synonyms is None else synonyms
-    words = [lemmatize_noun(w) for w in word_tokenize(caption.lower())]
+    normalise = normaliser(protocol) if isinstance(protocol, str) else protocol
+    words = normalise(word_tokenize(caption.lower()))
     merged: list[str] = []
     idxs: list[int] = []
     i = 0
@@ -138,6 +179,41 @@ def load_captions(path: str | Path, image_id_key: str = "image_id",
     return out
 
 
+def pope_image_ids() -> list[int]:
+    """The 500 COCO val2014 images of POPE (the CHAIR set of the papers), in order of first appearance."""
+    from .pope import load_split
+
+    seen: dict[int, None] = {}
+    for q in load_split("pope_random"):
+        seen.setdefault(_image_id(q.image, "coco_pope_random.json", q.line), None)
+    return list(seen)
+
+
+def load_image_ids(path: str | Path) -> list[int]:
+    """Image ids from a JSON list or one per line (integers or COCO file names); order kept, repeats dropped."""
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            items = [(None, v) for v in json.loads(text)]
+        except (json.JSONDecodeError, TypeError) as e:
+            raise DataError(path, f"not a JSON list of image ids ({e})") from e
+    else:
+        items = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    ids = list(dict.fromkeys(_image_id(v, path, n) for n, v in items))
+    if not ids:
+        raise DataError(path, "no image ids in file")
+    return ids
+
+
+def image_set(spec: str | Path) -> tuple[str, list[int]]:
+    """``pope`` (the 500 POPE images) or a file of image ids -> (label recorded with results, ids)."""
+    if str(spec) == "pope":
+        return "pope", pope_image_ids()
+    if not Path(spec).is_file():
+        raise DataError(spec, "CHAIR image set is neither 'pope' nor a file of image ids")
+    return str(spec), load_image_ids(spec)
+
+
 def load_ground_truth(path: str | Path | None = None) -> dict[int, frozenset[str]]:
     """Object sets per image id from a gzipped JSON ``{image_id: [node words]}`` (default: shipped)."""
     path = shipped_path("coco2014_image_objects.json.gz") if path is None else Path(path)
@@ -154,8 +230,10 @@ def load_ground_truth(path: str | Path | None = None) -> dict[int, frozenset[str
 
 
 def ground_truth_from_coco(instances_files: Sequence[str | Path], captions_files: Sequence[str | Path],
-                           synonyms: Mapping[str, str] | None = None) -> dict[int, frozenset[str]]:
-    """Build object sets the official way: instance categories + objects mentioned in reference captions.
+                           synonyms: Mapping[str, str] | None = None,
+                           protocol: str | Normaliser = DEFAULT_PROTOCOL) -> dict[int, frozenset[str]]:
+    """Build object sets the official way: instance categories + objects mentioned in reference captions
+    (read with ``protocol``'s words; ``original`` gives the official sets).
 
     Pass both train2014 and val2014 files for the official sets. Every image listed in the files is
     known (possibly with an empty set).
@@ -163,6 +241,7 @@ def ground_truth_from_coco(instances_files: Sequence[str | Path], captions_files
     from pycocotools.coco import COCO
 
     synonyms = _default_synonyms() if synonyms is None else synonyms
+    normalise = normaliser(protocol) if isinstance(protocol, str) else protocol
     objects: dict[int, set[str]] = {}
 
     def load(path: str | Path) -> Any:
@@ -188,7 +267,8 @@ def ground_truth_from_coco(instances_files: Sequence[str | Path], captions_files
         for img in coco.getImgIds():
             objects.setdefault(img, set())
         for ann in coco.loadAnns(coco.getAnnIds()):
-            objects.setdefault(ann["image_id"], set()).update(caption_to_words(ann["caption"], synonyms).node_words)
+            objects.setdefault(ann["image_id"], set()).update(
+                caption_to_words(ann["caption"], synonyms, normalise).node_words)
     return {k: frozenset(v) for k, v in objects.items()}
 
 
@@ -211,12 +291,14 @@ class ChairResult:
 
 def evaluate_chair(captions: Iterable[tuple[int, str]],
                    ground_truth: Mapping[int, frozenset[str]] | None = None,
-                   synonyms: Mapping[str, str] | None = None, skip_missing: bool = False) -> ChairResult:
-    """CHAIR_S, CHAIR_I, Recall and Len over (image_id, caption) pairs.
+                   synonyms: Mapping[str, str] | None = None, skip_missing: bool = False,
+                   protocol: str | Normaliser = DEFAULT_PROTOCOL) -> ChairResult:
+    """CHAIR_S, CHAIR_I, Recall and Len over (image_id, caption) pairs, with ``protocol``'s words.
 
     An image id without ground truth is an error (the official code silently treats it as having no
     objects); ``skip_missing`` drops such captions and reports how many in ``n_skipped``.
     """
+    normalise = normaliser(protocol) if isinstance(protocol, str) else protocol
     ground_truth = _default_ground_truth() if ground_truth is None else ground_truth
     sentences: list[dict[str, Any]] = []
     skipped = 0
@@ -227,7 +309,7 @@ def evaluate_chair(captions: Iterable[tuple[int, str]],
                 continue
             raise DataError("<ground truth>", f"no ground-truth objects for image id {image_id}")
         gt = ground_truth[image_id]
-        cw = caption_to_words(caption, synonyms)
+        cw = caption_to_words(caption, synonyms, normalise)
         hallucinated = [(w, n) for w, n in zip(cw.words, cw.node_words) if n not in gt]
         recalled = {n for n in cw.node_words if n in gt}
         sentences.append({

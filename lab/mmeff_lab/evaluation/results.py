@@ -8,10 +8,14 @@ Schema ``mmeff.eval/1`` (fractions for POPE and CHAIR, MME scores in points)::
                     "do_sample": false, "num_beams": 1},
      "tasks": [task, ...], "bootstrap": {"n_boot": int, "confidence": 0.95, "seed": 0},
      "timing_fields": ["prefill_ms", "tokens_per_s", "peak_memory_bytes"],
+     "chair": {"protocol": "original" | "opera" | "wordnet", "protocol_is": str,    # only when CHAIR ran
+               "images": "pope" | "synthetic" | <ids file>, "n_images": int},
+     "clipscore": {"model", "weights", "w": 2.5, "prefix", "context_length", "dtype"} | null,  # when CHAIR ran
      "runs": [{"preset": str,
                "tasks": {"pope_random": {"accuracy", "precision", "recall", "f1", "yes_ratio", "n", "non_yes_no",
                                          "cost"}, ...,
-                         "chair": {"chair_s", "chair_i", "recall", "len", "n", "cost"},
+                         "chair": {"chair_s", "chair_i", "recall", "len", "n", "cost",
+                                   "clip_s"},   # mean CLIPScore (Hessel et al. 2021), with --clipscore only
                          "mme": {"perception", "cognition",   # null unless their subtask group is complete
                                  "totals_missing": {total: why}, "subtasks": {name: {acc, acc_plus, score, ...}},
                                  "n", "unparsed", "cost"}},
@@ -70,9 +74,26 @@ def deltas(task: str, base: Scored, other: Scored, n_boot: int) -> dict[str, dic
     for name, metric in HEADLINE[task].items():
         if base.metrics.get(name, 0.0) is None:  # an MME total over an incomplete group is not reported
             continue
+        if name not in base.metrics:  # an optional metric not computed in this run (clip_s without --clipscore)
+            continue
         d, lo, hi = paired_bootstrap(base.matrix, other.matrix, metric, n_boot=n_boot, seed=0)
         out[name] = {"delta": d, "lo": lo, "hi": hi}
     return out
+
+
+def _chair_settings(cfg: Any, data: str, rows: Sequence[Any]) -> dict[str, Any]:
+    """``{"chair": {"protocol", "protocol_is", "images", "n_images"}}`` when CHAIR ran: which words and images
+    its numbers come from (protocols differ by tenths of a point; docs/evaluation.md)."""
+    if not rows or "chair" not in rows[0][1]:
+        return {}
+    from .chair import PROTOCOLS
+
+    protocol = getattr(cfg, "chair_protocol", "original")
+    images = getattr(cfg, "chair_images", "pope")
+    if images == "pope" and data.startswith("synthetic"):
+        images = "synthetic"  # the synthetic benchmark's own CHAIR images
+    return {"chair": {"protocol": protocol, "protocol_is": PROTOCOLS[protocol], "images": images,
+                      "n_images": len(rows[0][1]["chair"][1])}}
 
 
 def build_results(cfg: Any, family: str, data: str,
@@ -96,7 +117,9 @@ def build_results(cfg: Any, family: str, data: str,
         "generation": {"pope_max_new_tokens": SHORT_ANSWER_TOKENS, "chair_max_new_tokens": cfg.chair_max_new_tokens,
                        "mme_max_new_tokens": SHORT_ANSWER_TOKENS, "do_sample": False, "num_beams": 1},
         "tasks": list(rows[0][1]), "bootstrap": {"n_boot": n_boot, "confidence": 0.95, "seed": 0},
-        "timing_fields": list(TIMING_FIELDS), "runs": runs,
+        "timing_fields": list(TIMING_FIELDS), **_chair_settings(cfg, data, rows),
+        **({"clipscore": getattr(cfg, "clipscore_info", None)} if rows and "chair" in rows[0][1] else {}),
+        "runs": runs,
         "_details": {preset: {t: s.details for t, (s, _) in pt.items() if s.details is not None}
                      for preset, pt in rows},
     }
@@ -118,7 +141,8 @@ def _headline(task: str, m: dict[str, Any]) -> list[tuple[str, str]]:
         return [(f"POPE {short} acc", f"{100 * m['accuracy']:.1f}"), (f"POPE {short} F1", f"{100 * m['f1']:.1f}")]
     if task == "chair":
         return [("CHAIR_S", f"{100 * m['chair_s']:.1f}"), ("CHAIR_I", f"{100 * m['chair_i']:.1f}"),
-                ("CHAIR recall", f"{100 * m['recall']:.1f}")]
+                ("CHAIR recall", f"{100 * m['recall']:.1f}"),
+                *([("CLIP-S", f"{100 * m['clip_s']:.1f}")] if "clip_s" in m else [])]
     return [("MME perception", _fmt(m["perception"])), ("MME cognition", _fmt(m["cognition"]))]
 
 
@@ -131,6 +155,15 @@ def _column_notes(results: dict[str, Any]) -> list[str]:
         + (" on the GPU." if device.startswith("cuda") else
            " on the CPU: they move severalfold with the machine's load; GPU figures need --device cuda."),
     ]
+    if "chair" in results["runs"][0]["tasks"]:
+        clip = results.get("clipscore")
+        notes.append(
+            f"- *CLIP-S*: CLIPScore (Hessel et al. 2021) × 100, mean over the captions, with `{clip['model']}` "
+            f"(\"{clip['prefix']}\" + caption, its first {clip['context_length']} tokens): how well the caption "
+            "matches the image, to read beside CHAIR_S and recall." if clip else
+            "- *CLIP-S* (CLIPScore: does a shorter caption still describe the image?) not computed: add "
+            "`--clipscore MODEL:PRETRAINED` (an open_clip model and its weights, e.g. `ViT-B-32:openai` or "
+            "`ViT-B-32:/path/to/weights.pt`; docs/evaluation.md).")
     odd = []
     for run in results["runs"]:
         for task, m in run["tasks"].items():
@@ -156,7 +189,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [f"# mmeff eval: {results['model']} ({results['family']})", "",
              f"Data: `{results['data']}`; limit: {results['limit']}; batch size {results['batch_size']}; "
              f"CHAIR max new tokens {results['generation']['chair_max_new_tokens']}. "
-             "POPE/CHAIR in %, MME in points; cost = mean per sample.", ""]
+             + (f"CHAIR protocol `{results['chair']['protocol']}` ({results['chair']['protocol_is']}), images "
+                f"`{results['chair']['images']}` ({results['chair']['n_images']}). " if "chair" in results else "")
+             + "POPE/CHAIR in %, MME in points; cost = mean per sample.", ""]
     head: list[str] = ["preset"]
     table = []
     for run in results["runs"]:
@@ -209,7 +244,8 @@ def write_all(output: Path, results: dict[str, Any], samples: dict[str, list[Sam
                 run = next(r for r in results["runs"] if r["preset"] == preset)
                 m = run["tasks"]["chair"]
                 doc = {"overall_metrics": {"CHAIRs": m["chair_s"], "CHAIRi": m["chair_i"], "Recall": m["recall"],
-                                           "Len": m["len"]}, "sentences": per_task["chair"]}
+                                           "Len": m["len"]}, "sentences": per_task["chair"],
+                       "protocol": results.get("chair", {}).get("protocol")}
                 atomic_write_text(log_path(output, preset, "chair").with_name("chair_words.json"),
                                   json.dumps(doc, indent=1) + "\n")
     atomic_write_text(output / RESULTS_JSON, json.dumps(results, indent=1) + "\n")

@@ -33,7 +33,7 @@ from mmeff.io import atomic_write_text
 
 from . import results as res
 from .results import log_path
-from .tasks import DataSource, Sample, load_samples, parse_tasks, resolve_data, score
+from .tasks import DataSource, Sample, add_clip_s, load_samples, parse_tasks, resolve_data, score
 
 RUN_FILE = "run.json"
 
@@ -57,16 +57,23 @@ class EvalConfig:
     resume: bool = False
     overwrite: bool = False  # replace an earlier evaluation in ``output`` (after every input is validated)
     chair_max_new_tokens: int = 512
+    chair_protocol: str = "original"  # CHAIR words: original | opera | wordnet (chair.PROTOCOLS)
+    chair_images: str = "pope"  # CHAIR image set: pope (the benchmark's own) or a file of image ids
     n_boot: int = 1000
     progress: bool = True
     cuda_graphs: bool = False  # decode from CUDA graphs where a preset allows it (a speed setting only)
+    clipscore: str | None = None  # open_clip MODEL[:PRETRAINED]: CLIPScore of the CHAIR captions (clipscore.py)
+    clipscore_info: dict[str, Any] | None = None  # what results.json records about it, once loaded
     counts: dict[str, int] = field(default_factory=dict)  # samples per task, once loaded (progress reports)
 
     def settings(self) -> dict[str, Any]:
         """What must match for a resume to continue the same run."""
         return {"model": self.model, "presets": self.presets, "tasks": self.tasks, "data": str(self.data),
                 "limit": self.limit, "batch_size": self.batch_size, "dtype": self.dtype,
-                "chair_max_new_tokens": self.chair_max_new_tokens}
+                "chair_max_new_tokens": self.chair_max_new_tokens,
+                **({"chair_protocol": self.chair_protocol, "chair_images": self.chair_images}
+                   if "chair" in self.tasks else {}),
+                **({"clipscore": self.clipscore} if self.clipscore else {})}
 
 
 def progress_report(cfg: EvalConfig) -> str:
@@ -351,10 +358,36 @@ def collect(cfg: EvalConfig, samples: dict[str, list[Sample]], data: DataSource,
                 raise ResumeError(f"{path}: {len(missing)} samples not logged (first: {missing[:3]}); "
                                   "run again with --resume")
             recs = [logged[s.id] for s in task_samples]
-            gt = data.chair_ground_truth if task == "chair" else None
-            per_task[task] = (score(task, task_samples, [r["answer"] for r in recs], gt, data.mme_benchmark), recs)
+            answers = [r["answer"] for r in recs]
+            scored = (_score_chair(task_samples, answers, data, cfg.chair_protocol) if task == "chair"
+                      else score(task, task_samples, answers, None, data.mme_benchmark))
+            if task == "chair" and cfg.clipscore:
+                unscored = [r["id"] for r in recs if "clip_s" not in r]
+                if unscored:
+                    raise ResumeError(f"{path}: {len(unscored)} captions without CLIP-S (first: {unscored[:3]}); "
+                                      "run again with --resume")
+                scored = add_clip_s(scored, [r["clip_s"] for r in recs])
+            per_task[task] = (scored, recs)
         rows.append((preset, per_task))
     return res.build_results(cfg, family, data.describe(), rows, cfg.n_boot)
+
+
+def _score_chair(samples: list[Sample], answers: list[str], data: DataSource, protocol: str) -> Any:
+    """CHAIR with the run's protocol (``tasks.score`` uses the default one)."""
+    from . import chair
+    from .tasks import Scored, chair_metrics
+
+    r = chair.evaluate_chair([(s.meta["image_id"], a) for s, a in zip(samples, answers)], data.chair_ground_truth,
+                             protocol=protocol)
+    return Scored(chair_metrics(r.metrics), r.sample_matrix(), r.sentences)
+
+
+def _task_samples(task: str, data: DataSource, cfg: EvalConfig) -> list[Sample]:
+    if task == "chair":
+        from .chair_images import chair_samples
+
+        return chair_samples(cfg.chair_images, data, cfg.limit, cfg.chair_max_new_tokens)
+    return load_samples(task, data, cfg.limit, cfg.chair_max_new_tokens)
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
@@ -369,21 +402,28 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
         raise MmeffError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.cuda_graphs and not cfg.device.startswith("cuda"):
         raise MmeffError(f"--cuda-graphs needs --device cuda, got --device {cfg.device}")
+    if "chair" in cfg.tasks:  # an unknown protocol, opera without its nltk data, a bad image set: fail now
+        from . import chair, chair_images
+
+        chair.normaliser(cfg.chair_protocol)
+        chair_images.check_spec(cfg.chair_images)
     cfg.output = Path(cfg.output)
     dist = Dist(cfg.device)
     mode = "new"
+    scorer = None
     if dist.main:
         data = resolve_data(cfg.data)  # generates the synthetic set once, before the others read it
-        samples = {t: load_samples(t, data, cfg.limit, cfg.chair_max_new_tokens) for t in cfg.tasks}
+        samples = {t: _task_samples(t, data, cfg) for t in cfg.tasks}
         cfg.counts = {t: len(s) for t, s in samples.items()}
         resolve_spec(cfg.model)  # bad inputs fail before the output folder is claimed
+        scorer = _clip_scorer(cfg)  # loaded on the CPU now (a bad model or missing package fails here)
         mode = _check_output(cfg)
         if mode == "finished":
             return {**json.loads((cfg.output / res.RESULTS_JSON).read_text()), "_finished_before": True}
     dist.barrier()
     if not dist.main:
         data = resolve_data(cfg.data)
-        samples = {t: load_samples(t, data, cfg.limit, cfg.chair_max_new_tokens) for t in cfg.tasks}
+        samples = {t: _task_samples(t, data, cfg) for t in cfg.tasks}
     model, processor, family = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
     _validate(model, processor, family, cfg, samples)  # every preset on this model, the prompt, the images
     if dist.main:
@@ -401,6 +441,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
                 for task, task_samples in samples.items():
                     run_task(model, processor, handle, task_samples, log_path(cfg.output, preset, task),
                              cfg.batch_size, dist, progress, f"{preset} / {task}", claim)
+        if dist.main and scorer is not None:  # per-caption CLIP-S into the CHAIR sample logs
+            from .clipscore import score_sample_logs
+
+            score_sample_logs(scorer.to(dist.device(cfg.device)), cfg.presets, samples["chair"], cfg.output,
+                              read_log, progress)
     if not dist.main:
         return None
     results = collect(cfg, samples, data, family)
@@ -410,6 +455,19 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
         shutil.rmtree(cfg.output / "samples", ignore_errors=True)
     claim.finish()
     return results
+
+
+def _clip_scorer(cfg: EvalConfig) -> Any:
+    """The CLIPScore model of ``--clipscore`` (None without it); the flag needs the chair task."""
+    if not cfg.clipscore:
+        return None
+    if "chair" not in cfg.tasks:
+        raise MmeffError(f"--clipscore scores the chair task's captions; --tasks {','.join(cfg.tasks)} has no chair")
+    from .clipscore import load_scorer
+
+    scorer = load_scorer(cfg.clipscore)
+    cfg.clipscore_info = scorer.describe()
+    return scorer
 
 
 def _validate(model: Any, processor: Any, family: str, cfg: EvalConfig, samples: dict[str, list[Sample]]) -> None:

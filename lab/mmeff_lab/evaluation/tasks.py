@@ -242,10 +242,27 @@ def perception_metric(x: np.ndarray) -> np.ndarray:
                                n_subtasks=len(mme.SUBTASKS) + 1)
 
 
-# headline metrics that get a paired-bootstrap delta: name -> per-resample statistic
+def clip_s_metric(x: np.ndarray) -> np.ndarray:
+    """Mean CLIP-S: the last column of the CHAIR rows once :func:`add_clip_s` appended it."""
+    return x[..., -1].mean(axis=1)
+
+
+def add_clip_s(scored: Scored, clip_scores: Sequence[float]) -> Scored:
+    """CHAIR scores plus CLIPScore (``--clipscore``): metric ``clip_s`` (mean per-caption CLIP-S) and the
+    per-caption scores as the last column of the bootstrap rows, so its CI pairs the same resamples."""
+    clip = np.asarray(clip_scores, dtype=np.float64)
+    if clip.shape != (len(scored.matrix),):
+        raise ValueError(f"{len(clip)} CLIP-S values for {len(scored.matrix)} captions")
+    return Scored({**scored.metrics, "clip_s": float(clip.mean()) if len(clip) else 0.0},
+                  np.column_stack([scored.matrix, clip]), scored.details)
+
+
+# headline metrics that get a paired-bootstrap delta: name -> per-resample statistic (a metric absent from the
+# scores, as clip_s without --clipscore, gets none)
 HEADLINE: dict[str, dict[str, Callable[[np.ndarray], np.ndarray]]] = {
     **{t: {"f1": bs.pope_f1_metric, "accuracy": bs.pope_accuracy_metric} for t in POPE_TASKS},
-    "chair": {"chair_s": bs.chair_s_metric, "chair_i": bs.chair_i_metric, "recall": recall_metric},
+    "chair": {"chair_s": bs.chair_s_metric, "chair_i": bs.chair_i_metric, "recall": recall_metric,
+              "clip_s": clip_s_metric},
     "mme": {"perception": perception_metric},
 }
 
