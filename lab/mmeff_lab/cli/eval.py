@@ -35,6 +35,10 @@ def eval_command(
                                        "standalone CHAIR script), opera (OPERA's chair.py) or wordnet."),
     chair_images: str = typer.Option("pope", "--chair-images", help="CHAIR images: pope (the 500 POPE images; "
                                      "synthetic data: its CHAIR set) or a file of image ids."),
+    prompt_protocol: str = typer.Option("family", "--prompt-protocol", help="What is asked: family (each "
+                                        "family's published evaluation: llava-1.5, qwen2-vl, ...), llava-1.5, "
+                                        "qwen2-vl, lmms-eval, raw, mmeff-0, or a .toml protocol file "
+                                        "(docs/evaluation.md, Prompt protocols)."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
     clipscore: str | None = typer.Option(None, "--clipscore", help="CLIPScore of the CHAIR captions with an "
                                          "open_clip model: MODEL:PRETRAINED (checkpoint file or tag), e.g. "
@@ -52,7 +56,7 @@ def eval_command(
                      device=device, dtype=dtype, output=output, log_samples=log_samples, resume=resume,
                      overwrite=overwrite,
                      chair_max_new_tokens=chair_max_new_tokens, chair_protocol=chair_protocol,
-                     chair_images=chair_images, n_boot=n_boot, progress=progress,
+                     chair_images=chair_images, prompt_protocol=prompt_protocol, n_boot=n_boot, progress=progress,
                      cuda_graphs=cuda_graphs, clipscore=clipscore)
     try:
         results = run_eval(cfg)

@@ -11,6 +11,10 @@ Schema ``mmeff.eval/1`` (fractions for POPE and CHAIR, MME scores in points)::
      "chair": {"protocol": "original" | "opera" | "wordnet", "protocol_is": str,    # only when CHAIR ran
                "images": "pope" | "synthetic" | <ids file>, "n_images": int},
      "clipscore": {"model", "weights", "w": 2.5, "prefix", "context_length", "dtype"} | null,  # when CHAIR ran
+     "prompt_protocol": {"requested": "family" | name | file, "name", "description", "source", "file",
+                         "system": str | null, "system_added": bool,
+                         "tasks": {"pope" | "mme" | "chair": {"template", "remove", "source"}},
+                         "rendered": {task: the chat text of its first sample}},   # prompt_protocols.py
      "runs": [{"preset": str,
                "tasks": {"pope_random": {"accuracy", "precision", "recall", "f1", "yes_ratio", "n", "non_yes_no",
                                          "cost"}, ...,
@@ -119,6 +123,7 @@ def build_results(cfg: Any, family: str, data: str,
         "tasks": list(rows[0][1]), "bootstrap": {"n_boot": n_boot, "confidence": 0.95, "seed": 0},
         "timing_fields": list(TIMING_FIELDS), **_chair_settings(cfg, data, rows),
         **({"clipscore": getattr(cfg, "clipscore_info", None)} if rows and "chair" in rows[0][1] else {}),
+        **({"prompt_protocol": cfg.prompt_record} if getattr(cfg, "prompt_record", None) else {}),
         "runs": runs,
         "_details": {preset: {t: s.details for t, (s, _) in pt.items() if s.details is not None}
                      for preset, pt in rows},
@@ -185,13 +190,23 @@ def _fmt(v: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if v is None else f"{v * scale:.{digits}f}"
 
 
+def _prompt_line(results: dict[str, Any]) -> str:
+    """The header sentence naming the prompt protocol (results.json ``prompt_protocol`` has the templates)."""
+    p = results.get("prompt_protocol")
+    if not p:
+        return ""
+    system = "system prompt added" if p["system_added"] else "no system prompt added"
+    asked = "" if p["requested"] == p["name"] else f", from `--prompt-protocol {p['requested']}`"
+    return f"Prompt protocol `{p['name']}` ({p['description']}; {system}{asked}). "
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     lines = [f"# mmeff eval: {results['model']} ({results['family']})", "",
              f"Data: `{results['data']}`; limit: {results['limit']}; batch size {results['batch_size']}; "
              f"CHAIR max new tokens {results['generation']['chair_max_new_tokens']}. "
              + (f"CHAIR protocol `{results['chair']['protocol']}` ({results['chair']['protocol_is']}), images "
                 f"`{results['chair']['images']}` ({results['chair']['n_images']}). " if "chair" in results else "")
-             + "POPE/CHAIR in %, MME in points; cost = mean per sample.", ""]
+             + _prompt_line(results) + "POPE/CHAIR in %, MME in points; cost = mean per sample.", ""]
     head: list[str] = ["preset"]
     table = []
     for run in results["runs"]:

@@ -31,6 +31,7 @@ import torch
 from mmeff.errors import MmeffError
 from mmeff.io import atomic_write_text
 
+from . import prompt_protocols as pp
 from . import results as res
 from .results import log_path
 from .tasks import DataSource, Sample, add_clip_s, load_samples, parse_tasks, resolve_data, score
@@ -59,6 +60,8 @@ class EvalConfig:
     chair_max_new_tokens: int = 512
     chair_protocol: str = "original"  # CHAIR words: original | opera | wordnet (chair.PROTOCOLS)
     chair_images: str = "pope"  # CHAIR image set: pope (the benchmark's own) or a file of image ids
+    prompt_protocol: str = pp.DEFAULT  # family | a shipped protocol name | a .toml file (prompt_protocols.py)
+    prompt_record: dict[str, Any] | None = None  # what results.json records about the prompts, once resolved
     n_boot: int = 1000
     progress: bool = True
     cuda_graphs: bool = False  # decode from CUDA graphs where a preset allows it (a speed setting only)
@@ -70,7 +73,8 @@ class EvalConfig:
         """What must match for a resume to continue the same run."""
         return {"model": self.model, "presets": self.presets, "tasks": self.tasks, "data": str(self.data),
                 "limit": self.limit, "batch_size": self.batch_size, "dtype": self.dtype,
-                "chair_max_new_tokens": self.chair_max_new_tokens,
+                "chair_max_new_tokens": self.chair_max_new_tokens, "prompt_protocol": self.prompt_protocol,
+                "prompt_protocol_digest": pp.digest(self.prompt_protocol),
                 **({"chair_protocol": self.chair_protocol, "chair_images": self.chair_images}
                    if "chair" in self.tasks else {}),
                 **({"clipscore": self.clipscore} if self.clipscore else {})}
@@ -261,9 +265,10 @@ def _eos_ids(model: Any) -> set[int]:
 
 
 @torch.no_grad()
-def generate_batch(model: Any, processor: Any, handle: Any, batch: Sequence[Sample], batch_index: int
-                   ) -> list[dict[str, Any]]:
-    """Greedy answers for one batch plus its measured cost, as sample-log records."""
+def generate_batch(model: Any, processor: Any, handle: Any, batch: Sequence[Sample], batch_index: int,
+                   system: str | None = None) -> list[dict[str, Any]]:
+    """Greedy answers for one batch plus its measured cost, as sample-log records (``system``: the prompt
+    protocol's system turn, when the chat template lacks it)."""
     from PIL import Image
 
     from mmeff.families.prompt import make_inputs
@@ -272,7 +277,7 @@ def generate_batch(model: Any, processor: Any, handle: Any, batch: Sequence[Samp
     for s in batch:
         with Image.open(s.image) as im:
             images.append([im.convert("RGB")])
-    inputs = make_inputs(processor, [s.prompt for s in batch], images).to(model.device)
+    inputs = make_inputs(processor, [s.prompt for s in batch], images, system=system).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     cuda = model.device.type == "cuda"
@@ -323,7 +328,7 @@ def _progress(enabled: bool) -> Any:
 
 
 def run_task(model: Any, processor: Any, handle: Any, samples: list[Sample], log: Path, batch_size: int,
-             dist: Dist, progress: Any, description: str, claim: Any = None) -> None:
+             dist: Dist, progress: Any, description: str, claim: Any = None, system: str | None = None) -> None:
     """Run the batches of ``samples`` that the log lacks; only the main process writes the log."""
     done = read_log(log)
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
@@ -332,7 +337,7 @@ def run_task(model: Any, processor: Any, handle: Any, samples: list[Sample], log
     bar = progress.add_task(description, total=len(samples), completed=len(samples) - sum(len(b) for _, b in pending))
     for r in range(0, len(pending), dist.world):
         mine = pending[r + dist.rank] if r + dist.rank < len(pending) else None
-        records = generate_batch(model, processor, handle, mine[1], mine[0]) if mine else []
+        records = generate_batch(model, processor, handle, mine[1], mine[0], system) if mine else []
         gathered = dist.gather(records)
         if dist.main:
             flat = [rec for part in gathered for rec in part]
@@ -398,6 +403,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
 
     cfg.tasks = parse_tasks(cfg.tasks)
     cfg.presets = parse_presets(cfg.presets)
+    pp.check(cfg.prompt_protocol)  # an unknown protocol or a malformed file: one error, before any work
     if cfg.batch_size < 1:
         raise MmeffError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.cuda_graphs and not cfg.device.startswith("cuda"):
@@ -425,7 +431,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
         data = resolve_data(cfg.data)
         samples = {t: _task_samples(t, data, cfg) for t in cfg.tasks}
     model, processor, family = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
-    _validate(model, processor, family, cfg, samples)  # every preset on this model, the prompt, the images
+    samples, system = _apply_protocol(cfg, samples, family, processor)
+    _validate(model, processor, family, cfg, samples, system)  # every preset on this model, the prompt, the images
     if dist.main:
         if mode == "overwrite":
             shutil.rmtree(cfg.output)
@@ -440,7 +447,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
                             timing=True) as handle:
                 for task, task_samples in samples.items():
                     run_task(model, processor, handle, task_samples, log_path(cfg.output, preset, task),
-                             cfg.batch_size, dist, progress, f"{preset} / {task}", claim)
+                             cfg.batch_size, dist, progress, f"{preset} / {task}", claim, system)
         if dist.main and scorer is not None:  # per-caption CLIP-S into the CHAIR sample logs
             from .clipscore import score_sample_logs
 
@@ -457,6 +464,29 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     return results
 
 
+def _apply_protocol(cfg: EvalConfig, samples: dict[str, list[Sample]], family: str, processor: Any
+                    ) -> tuple[dict[str, list[Sample]], str | None]:
+    """The samples with the prompts of the run's protocol (resolved for this family), the system turn to add
+    (None: none), and ``cfg.prompt_record`` for results.json."""
+    from mmeff.families.prompt import chat_text
+
+    if getattr(processor, "chat_template", None) is None and getattr(
+            getattr(processor, "tokenizer", None), "chat_template", None) is None:
+        raise MmeffError(f"{cfg.model}: the processor has no chat template (chat_template.json or "
+                         "tokenizer_config.json), which the prompts are built with")
+    protocol = pp.resolve(cfg.prompt_protocol, family, cfg.model)
+    samples = {t: protocol.apply(t, s) for t, s in samples.items()}
+    try:
+        system = pp.system_turn(protocol, processor)
+        rendered = {t: chat_text(processor, s[0].prompt, system=system) for t, s in samples.items() if s}
+    except pp.PromptProtocolError:
+        raise
+    except Exception as e:  # a template that cannot render is a property of the checkpoint
+        raise MmeffError(f"{cfg.model}: the processor cannot build a prompt ({type(e).__name__}: {e})") from None
+    cfg.prompt_record = pp.record(cfg.prompt_protocol, protocol, system, rendered)
+    return samples, system
+
+
 def _clip_scorer(cfg: EvalConfig) -> Any:
     """The CLIPScore model of ``--clipscore`` (None without it); the flag needs the chair task."""
     if not cfg.clipscore:
@@ -470,9 +500,11 @@ def _clip_scorer(cfg: EvalConfig) -> Any:
     return scorer
 
 
-def _validate(model: Any, processor: Any, family: str, cfg: EvalConfig, samples: dict[str, list[Sample]]) -> None:
+def _validate(model: Any, processor: Any, family: str, cfg: EvalConfig, samples: dict[str, list[Sample]],
+              system: str | None = None) -> None:
     """Refuse now what would fail mid-run: a preset this model cannot run (wrapped and removed again, which checks
-    families, configs and trained-head files), a processor that cannot build the prompt, a missing image."""
+    families, configs and trained-head files), a processor that cannot build the prompt, a missing image (the
+    chat template itself is checked by :func:`_apply_protocol`)."""
     import mmeff
     from mmeff.families.prompt import make_inputs
 
@@ -482,10 +514,6 @@ def _validate(model: Any, processor: Any, family: str, cfg: EvalConfig, samples:
             mmeff.unwrap(model)
         except MmeffError as e:
             raise MmeffError(f"preset {preset!r} cannot run on this {family} model: {e}") from None
-    if getattr(processor, "chat_template", None) is None and getattr(
-            getattr(processor, "tokenizer", None), "chat_template", None) is None:
-        raise MmeffError(f"{cfg.model}: the processor has no chat template (chat_template.json or "
-                         "tokenizer_config.json), which the prompts are built with")
     missing = sorted({str(s.image) for task_samples in samples.values() for s in task_samples
                       if not Path(s.image).is_file()})
     if missing:
@@ -496,7 +524,7 @@ def _validate(model: Any, processor: Any, family: str, cfg: EvalConfig, samples:
 
         try:
             with Image.open(first.image) as im:
-                make_inputs(processor, [first.prompt], [[im.convert("RGB")]])
+                make_inputs(processor, [first.prompt], [[im.convert("RGB")]], system=system)
         except Exception as e:  # any processor failure here is a property of the checkpoint
             raise MmeffError(f"{cfg.model}: the processor cannot build a prompt ({type(e).__name__}: {e})") from None
 

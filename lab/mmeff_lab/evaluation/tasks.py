@@ -1,8 +1,9 @@
 """The evaluation tasks: which samples a task has, the prompt each gets, and how answers are scored.
 
 Task names: ``pope`` (= the three splits), ``pope_random``, ``pope_popular``, ``pope_adversarial``, ``chair``,
-``mme``. Prompts follow the LLaVA-1.5 evaluation: POPE = question + :data:`POPE_SUFFIX` (16 new tokens at
+``mme``. Prompts here are the ``mmeff-0`` protocol: POPE = question + :data:`POPE_SUFFIX` (16 new tokens at
 most); CHAIR = :data:`CHAIR_PROMPT` (``chair_max_new_tokens``, default 512); MME = the question as is (16).
+``mmeff eval`` rebuilds them with the run's prompt protocol (:mod:`.prompt_protocols`) from ``meta["question"]``.
 
 Data (``--data``):
 * ``synthetic``: :func:`mmeff_lab.reference.synthetic.ensure_benchmarks` (default sizes), or the path of any
@@ -165,7 +166,8 @@ def _pope_samples(split: str, data: DataSource, limit: int | None) -> list[Sampl
     questions = questions[:limit] if limit is not None else questions
     kept, paths, _ = pope.resolve_images(questions, data.image_dir)
     return [Sample(split, str(q.question_id), p, q.text + POPE_SUFFIX, SHORT_ANSWER_TOKENS,
-                   {"label": q.label, "question_id": q.question_id}) for q, p in zip(kept, paths)]
+                   {"label": q.label, "question_id": q.question_id, "question": q.text})
+            for q, p in zip(kept, paths)]
 
 
 def _chair_images(data: DataSource) -> list[tuple[int, str]]:
