@@ -22,7 +22,7 @@ def greedy_recompute(
     """(sequences, per-step last logits) of greedy decoding by full recomputation; removes ``handles`` after."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    llava = adapter_for(model).family in ("llava", "llava_next")
+    llava = not adapter_for(model).mrope  # LLaVA families (OneVision's Qwen2 decoder included): 1-D positions
     logits = []
     try:
         for _ in range(steps):

@@ -8,9 +8,11 @@ from mmeff.errors import UnsupportedModelError
 from mmeff.families.base import Adapter, ImageSpan, Tile
 from mmeff.families.llava import LlavaAdapter
 from mmeff.families.llava_next import LlavaNextAdapter
+from mmeff.families.llava_onevision import LlavaOnevisionAdapter
 from mmeff.families.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter,
+                                      LlavaOnevisionAdapter)
 FAMILY_NAMES: tuple[str, ...] = tuple(a.family for a in ADAPTERS)
 
 

@@ -145,7 +145,7 @@ def test_fork_keeps_aliasing_and_copy_into_names_the_difference():
 
 @pytest.mark.gpu
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "llava_onevision"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_cuda_graph_prefill_equals_eager(tiny_model_dir, family, preset):
     if not torch.cuda.is_available():

@@ -122,3 +122,42 @@ def test_import_prints_presets():
         capture_output=True, text=True, check=True,
     ).stdout
     assert "'none'" in out and "'fastv'" in out
+
+
+def test_onevision_layouts_follow_anyres_max_and_multi_image_samples(tiny_model_dir):
+    """LLaVA-OneVision: an unpadded grid above anyres_max's budget is interpolated down (its newlines still close
+    every row), a smaller one is kept; the images of a multi-image sample (nested images, ``batch_num_images``)
+    are their base tile and one trailing newline. Checked against where the model puts the newline embeddings."""
+    model, processor = load_tiny(tiny_model_dir("llava_onevision"))
+    adapter = adapter_for(model)
+    assert adapter.vision_prefix == 0 and adapter.feature_layer() == len(adapter.vision_layers()) - 1
+    # (48, 40): 2x2 tiles unpadded to 6x8 = 48 > 1.1^2 * 2 * 16 patches -> 4x6; (64, 32): 1x2 tiles, 4x8 kept
+    for size, grid in (((48, 40), (4, 6)), ((64, 32), (4, 8))):
+        one = make_inputs(processor, ["look"], [[random_image(5, size)]])
+        (span,) = adapter.spans(one["input_ids"], one)[0]
+        assert (span.tiles[1].rows, span.tiles[1].cols) == grid and span.tiles[1].newline
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [*[{"type": "image"}] * n,
+                                                                           {"type": "text", "text": t}]}],
+                                             add_generation_prompt=True, tokenize=False)
+               for n, t in ((1, "describe the picture"), (2, "compare these two images"))]
+    images = [[random_image(1, SIZES[0])], [random_image(2, SIZES[1]), random_image(3, SIZES[2])]]
+    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    assert inputs["batch_num_images"].tolist() == [1, 2]
+    spans = adapter.spans(inputs["input_ids"], inputs)
+    assert [len(sp.tiles) for s in spans for sp in s] == [2, 1, 1]
+    assert [sp.trailing_layout for s in spans for sp in s] == [0, 1, 1]
+    embeds = _lm_inputs(model, inputs)
+    newline = model.model.image_newline
+    for b, sample in enumerate(spans):
+        for sp in sample:
+            is_newline = (embeds[b, sp.start : sp.end] == newline.to(embeds.dtype)).all(-1)
+            assert torch.equal(is_newline, sp.grid()["layout"])
+
+
+def test_onevision_refuses_video(tiny_model_dir):
+    from mmeff.errors import ImageTokenMismatchError
+
+    model, _ = load_tiny(tiny_model_dir("llava_onevision"))
+    ids = torch.tensor([[1, 2, model.config.video_token_id, 3]])
+    with pytest.raises(ImageTokenMismatchError, match=r"video input .* is not supported"):
+        adapter_for(model).spans(ids, {"input_ids": ids})

@@ -44,7 +44,7 @@ def _expected_image_tokens(family: str, size: tuple[int, int]) -> int:
     w, h = size
     if family == "llava":
         return (32 // 8) ** 2  # 32 px crop, patch 8, CLS dropped
-    if family == "llava_next":
+    if family in ("llava_next", "llava_onevision"):
         # base tile (16) + anyres grid unpadded to the image's aspect ratio + one newline per row
         best_h, best_w = _best_pinpoint(w, h)
         rows, cols = best_h // 8, best_w // 8
@@ -52,6 +52,10 @@ def _expected_image_tokens(family: str, size: tuple[int, int]) -> int:
             rows -= 2 * ((rows - int(round(h * cols / w, 7))) // 2)
         else:
             cols -= 2 * ((cols - int(round(w * rows / h, 7))) // 2)
+        if family == "llava_onevision":  # anyres_max_2: a grid above 1.1^2 * 2 tiles of 16 is scaled down
+            ratio = (rows * cols / (2 * 16)) ** 0.5
+            if ratio > 1.1:
+                rows, cols = int(rows // ratio), int(cols // ratio)
         return 16 + rows * cols + rows
     # Qwen: sides rounded to multiples of 8 px (patch 4 x merge 2); one token per 8x8 px.
     return round(w / 8) * round(h / 8)

@@ -33,7 +33,29 @@ def reference_scores(model, inputs, k: int, query: str) -> torch.Tensor:
 @torch.no_grad()
 def test_fastv_generate_equals_slow_reference(models, preset, k, ratio, query):
     family, eager, sdpa, processor = models
-    inputs = batch(processor, family)
+    check_fastv(family, eager, sdpa, batch(processor, family), preset, k, ratio, query)
+
+
+@torch.no_grad()
+def test_fastv_onevision_multi_image_sample(tiny_model_dir):
+    """LLaVA-OneVision's multi-image samples (nested images: base tiles + one trailing newline each) beside an
+    anyres one, left padded: FastV still equals the slow reference."""
+    from mmeff_lab.models.factory import load_tiny, random_image
+    from tests.helpers import SIZES
+
+    eager, processor = load_tiny(tiny_model_dir("llava_onevision"), attn_implementation="eager")
+    sdpa, _ = load_tiny(tiny_model_dir("llava_onevision"))
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [*[{"type": "image"}] * n,
+                                                                           {"type": "text", "text": t}]}],
+                                             add_generation_prompt=True, tokenize=False)
+               for n, t in ((1, "describe the picture"), (2, "compare these two images"))]
+    images = [[random_image(1, SIZES[0])], [random_image(2, SIZES[1]), random_image(3, SIZES[2])]]
+    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    assert inputs["batch_num_images"].tolist() == [1, 2]
+    check_fastv("llava_onevision", eager, sdpa, inputs, "fastv", 2, 0.5, "all")
+
+
+def check_fastv(family, eager, sdpa, inputs, preset, k, ratio, query):
     adapter = adapter_for(eager)
     spans = adapter.spans(inputs["input_ids"], inputs)
     visual = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)

@@ -120,11 +120,14 @@ def test_budget_constraint():
     for n in (28, 32, 4):
         for b in (0.5, 0.75, 0.9):
             assert averaged_budget(get_preset(f"vflowopt-{int(b * 100)}").config("llava"), n) == pytest.approx(b)
-    for fam, n in (("llava", 32), ("llava_next", 32), ("qwen2_vl", 28), ("qwen2_5_vl", 28)):
+    for fam, n in (("llava", 32), ("llava_next", 32), ("qwen2_vl", 28), ("qwen2_5_vl", 28), ("llava_onevision", 28)):
         for b in (50, 75, 90):
             assert averaged_budget(get_preset(f"fastv-{b}").config(fam), n) == pytest.approx(b / 100)
             assert averaged_budget(get_preset(f"vflowopt-{b}").config(fam), n) == pytest.approx(b / 100)
     assert fastv_ratio_for_budget(0.9, 32) == pytest.approx(0.96)
+    for b in (50, 75, 90):  # LLaVA-OneVision's SigLIP normalisation
+        cfg = get_preset(f"vflowopt-{b}").config("llava_onevision")
+        assert cfg.pixel_mean == cfg.pixel_std == (0.5, 0.5, 0.5)
     with pytest.raises(mmeff.ConfigError, match="out of reach"):
         averaged_budget(VFlowOptConfig(r_v=0.1, llm_layers=(1, 2), llm_ratios=(1.0, 1.0), layers_of=0, budget=0.2), 4)
 

@@ -53,6 +53,7 @@ def build_random(name: str, device: str = "cuda", dtype: torch.dtype = torch.bfl
         overrides(config)
     cls = getattr(transformers, {"llava": "LlavaForConditionalGeneration",
                                  "llava_next": "LlavaNextForConditionalGeneration",
+                                 "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                                  "qwen2_vl": "Qwen2VLForConditionalGeneration"}[spec["family"]])
     config._attn_implementation = "sdpa"
     with torch.device(device):
@@ -71,7 +72,7 @@ def synth_inputs(model: nn.Module, batch: int, images: int = 1, size: tuple[int,
     g = torch.Generator().manual_seed(seed)
     n_img = batch * images
     inputs: dict[str, Any] = {}
-    if adapter.family in ("llava", "llava_next"):
+    if adapter.family in ("llava", "llava_next", "llava_onevision"):
         s = cfg.vision_config.image_size
         size = size or (s, s)
         if adapter.family == "llava":
@@ -82,6 +83,8 @@ def synth_inputs(model: nn.Module, batch: int, images: int = 1, size: tuple[int,
             n_patches = image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, s)
             inputs["pixel_values"] = torch.randn(n_img, n_patches, 3, s, s, generator=g)
             inputs["image_sizes"] = torch.tensor([list(size)] * n_img)
+            if adapter.family == "llava_onevision":  # every image tiled (anyres_max), as in a one-image prompt
+                inputs["batch_num_images"] = torch.ones(n_img, dtype=torch.long)
     else:
         vc = cfg.vision_config
         unit = vc.patch_size * vc.spatial_merge_size

@@ -28,6 +28,10 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedConfig,
     PreTrainedModel,
@@ -45,13 +49,24 @@ from transformers.utils import is_torchvision_available
 
 from mmeff_lab.models.templates import LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+# LLaVA-OneVision (Qwen2 ChatML) as the llava-hf checkpoints write it: images first, then "\n" + text.
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'video' %}{{ '<video>' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ '\n' + c['text'] }}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
 
 _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
 }
 
 # Text decoder shared by all families: GQA (4 query heads, 2 KV heads), head_dim 16.
@@ -63,6 +78,14 @@ _CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_siz
          "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 32}
 _NEXT_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
+# LLaVA-OneVision SigLIP tower (no CLS token, "full" features of the last layer): 32 px / patch 8 -> 16 tokens a
+# tile, LLaVA-NeXT's pinpoints; anyres_max_2 (released: anyres_max_9 of 27x27 tiles) so the tiny test images
+# hit both rules: an unpadded grid above 1.1^2 * 2 tiles' worth of patches is interpolated down, a smaller one
+# is kept. SigLIP's normalisation (mean = std = 0.5), as the released processor.
+_SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "vision_use_head": False}
+_OV_ASPECT = "anyres_max_2"
+
 # Qwen: patch 4 and merge 2 -> one merged token per 8x8 px; min/max pixels give 4x4..8x8 merged tokens.
 _QWEN_PATCH, _QWEN_MERGE = 4, 2
 _QWEN_MIN_PIXELS, _QWEN_MAX_PIXELS = 32 * 32, 64 * 64
@@ -70,6 +93,7 @@ _QWEN_MIN_PIXELS, _QWEN_MAX_PIXELS = 32 * 32, 64 * 64
 _MROPE_SECTION = [2, 3, 3]
 
 _LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+_OV_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
@@ -99,7 +123,7 @@ def _corpus() -> list[str]:
 def _build_tokenizer(family: str) -> PreTrainedTokenizerFast:
     """Byte-level BPE (any text encodes) plus the special tokens the family's processor expects."""
     llava = family in ("llava", "llava_next")
-    specials = _LLAVA_SPECIALS if llava else _QWEN_SPECIALS
+    specials = _LLAVA_SPECIALS if llava else _OV_SPECIALS if family == "llava_onevision" else _QWEN_SPECIALS
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -113,6 +137,10 @@ def _build_tokenizer(family: str) -> PreTrainedTokenizerFast:
                                        unk_token="<unk>", pad_token="<pad>", padding_side="left",
                                        extra_special_tokens={"image_token": "<image>"})
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if family == "llava_onevision":  # a Qwen2 tokenizer with LLaVA's <image> / <video> placeholders
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       padding_side="left",
+                                       extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    padding_side="left",
                                    extra_special_tokens={"image_token": "<|image_pad|>",
@@ -154,6 +182,18 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast) -> Process
         return LlavaNextProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=8,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                   chat_template=LLAVA_CHAT_TEMPLATE)
+    if family == "llava_onevision":
+        norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+        ip = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=_NEXT_PINPOINTS,
+                                             **norm)
+        video = None
+        if is_torchvision_available():
+            from transformers import LlavaOnevisionVideoProcessor
+
+            video = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}, **norm)
+        return LlavaOnevisionProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=video,
+                                       num_image_tokens=16, vision_feature_select_strategy="full",
+                                       vision_aspect_ratio=_OV_ASPECT, chat_template=ONEVISION_CHAT_TEMPLATE)
     # Pass `size` explicitly: 5.17's video processor mutates its class-level default `size` otherwise.
     vision = {"size": {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS},
               "patch_size": _QWEN_PATCH, "merge_size": _QWEN_MERGE, "temporal_patch_size": 2}
@@ -179,6 +219,16 @@ def _build_config(family: str, tok: PreTrainedTokenizerFast, num_layers: int) ->
         if family == "llava":
             return LlavaConfig(**common)
         return LlavaNextConfig(image_grid_pinpoints=_NEXT_PINPOINTS, **common)
+    if family == "llava_onevision":
+        # Qwen2 decoder; Qwen's BOS is <|endoftext|>, which is also its pad token
+        text = {"model_type": "qwen2", "vocab_size": len(tok), "num_hidden_layers": num_layers,
+                "bos_token_id": tok.pad_token_id, **ids, **_TEXT}
+        return LlavaOnevisionConfig(text_config=text, vision_config=dict(_SIGLIP), tie_word_embeddings=False,
+                                    image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                    video_token_id=tok.convert_tokens_to_ids("<video>"),
+                                    vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                    image_grid_pinpoints=_NEXT_PINPOINTS, vision_aspect_ratio=_OV_ASPECT,
+                                    projector_hidden_act="gelu", **ids)
     # Qwen's BOS is <|endoftext|>, which is also its pad token.
     text = {"model_type": family + "_text", "vocab_size": len(tok), "num_hidden_layers": num_layers,
             "bos_token_id": tok.pad_token_id, **ids, **_TEXT,
