@@ -81,9 +81,10 @@ def _run(model, processor, overrides: dict):
         want, used = reference_logits(model, step_inputs(inputs, out.sequences[:, n : n + step]), n,
                                       model.config.image_token_id, DIMS, layers, tau=c.tau, rho=c.rho,
                                       summ=c.summ, p=c.p)
-        # decode steps read a KV cache, the reference recomputes: on this decoder (|h| ~ 25,000 on token 0) that
-        # alone moves fp32 logits by up to ~4e-5, wrapped or not, so 1e-5 holds for the prefill only
-        tol = 1e-5 if step == 0 else 2e-4
+        # token 0's |h| ~ 25,000 on this decoder: fp32 sums in another order (the wrapper's attention vs the
+        # reference's, the thread count) move single prefill logits by up to ~3e-5, and a KV-cache decode against
+        # a recompute by up to ~4e-5 unwrapped: 5e-5 / 2e-4 here (1e-5 on the tiny models, tests/methods/test_var.py)
+        tol = 5e-5 if step == 0 else 2e-4
         torch.testing.assert_close(out.logits[step].float(), want, rtol=tol, atol=tol,
                                    msg=lambda m, s=step: f"step {s}: {m}")
         refs.append(used)

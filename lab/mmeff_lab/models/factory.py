@@ -286,13 +286,22 @@ def load_tiny(
     """Load a directory written by :func:`build_tiny` through the regular ``from_pretrained`` path."""
     path = Path(path)
     model_type = _read_model_type(path)
-    if model_type in _QWEN_NO_VIDEO and not is_torchvision_available():
+    if model_type in _QWEN_NO_VIDEO and (not is_torchvision_available() or not _has_video_processor(path)):
         processor = _QWEN_NO_VIDEO[model_type].from_pretrained(path)
     else:
         processor = AutoProcessor.from_pretrained(path)
     model = _MODEL_CLASSES[model_type].from_pretrained(path, attn_implementation=attn_implementation,
                                                        dtype=dtype, use_safetensors=True)
     return model.eval(), processor
+
+
+def _has_video_processor(path: Path) -> bool:
+    """Whether the saved processor has a video processor (one built without torchvision has none, and
+    AutoProcessor would then fall back to the bare tokenizer on a machine that has torchvision)."""
+    if (path / "video_preprocessor_config.json").is_file():
+        return True
+    config = path / "processor_config.json"
+    return config.is_file() and "video_processor" in json.loads(config.read_text())
 
 
 def _read_model_type(path: Path) -> str:
