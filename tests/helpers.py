@@ -19,9 +19,14 @@ from mmeff_lab.models.factory import random_image
 def greedy_recompute(
     model, inputs, steps: int, handles: Iterable[RemovableHandle] = ()
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(sequences, per-step last logits) of greedy decoding by full recomputation; removes ``handles`` after."""
+    """(sequences, per-step last logits) of greedy decoding by full recomputation, as ``generate`` with
+    ``min_new_tokens=steps``; removes ``handles`` after."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    # every caller compares with generate(min_new_tokens=steps): end-of-sequence tokens are never chosen (the raw
+    # logits, as output_logits returns them, are kept)
+    eos_id = model.generation_config.eos_token_id
+    eos = None if eos_id is None else torch.tensor(eos_id, device=ids.device).view(-1)
     llava = not adapter_for(model).mrope  # LLaVA families (OneVision's Qwen2 decoder included): 1-D positions
     logits = []
     try:
@@ -31,7 +36,7 @@ def greedy_recompute(
                 kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)  # what generate passes
             last = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits[:, -1]
             logits.append(last)
-            nxt = last.argmax(-1, keepdim=True)
+            nxt = (last if eos is None else last.index_fill(-1, eos, float("-inf"))).argmax(-1, keepdim=True)
             ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
             if "mm_token_type_ids" in extra:  # Qwen: generated tokens are text
                 extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)

@@ -162,6 +162,9 @@ class Pipeline:
                 self._hook(o_proj.register_forward_pre_hook(self._o_proj_pre(i)))
         self._attach_encoder()
         self._record_encoder_inputs()
+        for obj, name, replacement in self.adapter.instance_patches(self):  # family steps that follow selection
+            setattr(obj, name, replacement)
+            self._patched.append((obj, name))
 
     def _attach_encoder(self) -> None:
         """Point.ENCODER: the tower's arguments, then each observed vision layer's attention input."""

@@ -10,9 +10,10 @@ from mmeff.families.llava import LlavaAdapter
 from mmeff.families.llava_next import LlavaNextAdapter
 from mmeff.families.llava_onevision import LlavaOnevisionAdapter
 from mmeff.families.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from mmeff.families.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter,
-                                      LlavaOnevisionAdapter)
+                                      LlavaOnevisionAdapter, Qwen3VLAdapter)
 FAMILY_NAMES: tuple[str, ...] = tuple(a.family for a in ADAPTERS)
 
 

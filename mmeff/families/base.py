@@ -133,6 +133,12 @@ class Adapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    def instance_patches(self, host: Any) -> list[tuple[Any, str, Any]]:
+        """(object, method name, replacement) that the pipeline installs as instance attributes shadowing the
+        method while attached (removed on detach), for family steps that must follow the token selection
+        (Qwen3-VL's DeepStack additions); ``host``: the pipeline (its ``state``). None by default (empty)."""
+        return []
+
     def capture_context(self) -> contextlib.AbstractContextManager[None]:
         """Entered around a CUDA-graph capture of the whole forward (and its CPU emulation): swaps out what of
         the family's forward reads the device although the eager first call of the same signature made it

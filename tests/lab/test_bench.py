@@ -11,7 +11,7 @@ from mmeff_lab.evaluation import speed
 
 
 def test_architectures_are_listed():
-    assert {"llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b"} <= set(speed.architectures())
+    assert {"llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b", "qwen3-vl-8b"} <= set(speed.architectures())
     spec = speed.arch_spec("llava-1.5-7b")
     assert spec["config"]["text_config"]["num_hidden_layers"] == 32
 

@@ -123,7 +123,8 @@ def test_sdpa_equals_eager_and_batch_equals_single(models):
     single = make_inputs(processor, ["what color is the large shape on the left of these two images"],
                          [[random_image(2, (40, 64))]])
     dims = _dims(sdpa, processor)
-    cases = [("var", dict(sink_dims=dims, tau=2.0, summ=0.0, rho=1.0)), ("vhr", dict(layers=(1, 2))),
+    tau = 1.5 if family == "qwen3_vl" else 2.0  # the tiny random Qwen3 decoder's sink scores stay under 2
+    cases = [("var", dict(sink_dims=dims, tau=tau, summ=0.0, rho=1.0)), ("vhr", dict(layers=(1, 2))),
              ("fia", {}), ("pai", {}), ("fastv+vhr", dict(layers=(2, 3)))]  # vcd: its noise depends on the batch
     for preset, ov in cases:
         outs = []

@@ -54,7 +54,8 @@ def build_random(name: str, device: str = "cuda", dtype: torch.dtype = torch.bfl
     cls = getattr(transformers, {"llava": "LlavaForConditionalGeneration",
                                  "llava_next": "LlavaNextForConditionalGeneration",
                                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-                                 "qwen2_vl": "Qwen2VLForConditionalGeneration"}[spec["family"]])
+                                 "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}[spec["family"]])
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype)

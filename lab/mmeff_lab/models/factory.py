@@ -44,6 +44,9 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 from transformers.utils import is_torchvision_available
 
@@ -59,7 +62,7 @@ ONEVISION_CHAT_TEMPLATE = (
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
+FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl")
 
 _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": LlavaForConditionalGeneration,
@@ -67,6 +70,7 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
 }
 
 # Text decoder shared by all families: GQA (4 query heads, 2 KV heads), head_dim 16.
@@ -91,6 +95,11 @@ _QWEN_PATCH, _QWEN_MERGE = 4, 2
 _QWEN_MIN_PIXELS, _QWEN_MAX_PIXELS = 32 * 32, 64 * 64
 # M-RoPE splits head_dim/2 = 8 rotary frequencies over (temporal, height, width).
 _MROPE_SECTION = [2, 3, 3]
+# Qwen3-VL interleaves them (T H W T H W T T: frequencies 1, 4 are H, 2, 5 are W), as the released [24, 20, 20]
+# does over 64; its tower has 3 blocks of which 0 and 1 feed DeepStack (added after decoder layers 0 and 1) and a
+# learned 4x4 position grid interpolated to each image's patch grid.
+_QWEN3_MROPE_SECTION = [4, 2, 2]
+_QWEN3_DEEPSTACK = [0, 1]
 
 _LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 _OV_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
@@ -166,8 +175,18 @@ class Qwen2_5_VLProcessorNoVideo(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
 
+class Qwen3VLProcessorNoVideo(Qwen3VLProcessor):
+    """Qwen3-VL counterpart of :class:`Qwen2VLProcessorNoVideo`."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
 _QWEN_NO_VIDEO: dict[str, type[ProcessorMixin]] = {
-    "qwen2_vl": Qwen2VLProcessorNoVideo, "qwen2_5_vl": Qwen2_5_VLProcessorNoVideo}
+    "qwen2_vl": Qwen2VLProcessorNoVideo, "qwen2_5_vl": Qwen2_5_VLProcessorNoVideo,
+    "qwen3_vl": Qwen3VLProcessorNoVideo}
+_QWEN_PROCESSORS: dict[str, type[ProcessorMixin]] = {
+    "qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}
 
 
 def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast) -> ProcessorMixin:
@@ -197,13 +216,15 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast) -> Process
     # Pass `size` explicitly: 5.17's video processor mutates its class-level default `size` otherwise.
     vision = {"size": {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS},
               "patch_size": _QWEN_PATCH, "merge_size": _QWEN_MERGE, "temporal_patch_size": 2}
+    if family == "qwen3_vl":  # Qwen3-VL normalises with mean = std = 0.5, as the released processor
+        vision.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     ip = Qwen2VLImageProcessorPil(**vision)
     if is_torchvision_available():
-        from transformers import Qwen2VLVideoProcessor
+        from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
 
-        cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
-        return cls(image_processor=ip, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(**vision),
-                   chat_template=QWEN_CHAT_TEMPLATE)
+        video_cls = Qwen3VLVideoProcessor if family == "qwen3_vl" else Qwen2VLVideoProcessor
+        return _QWEN_PROCESSORS[family](image_processor=ip, tokenizer=tokenizer, video_processor=video_cls(**vision),
+                                        chat_template=QWEN_CHAT_TEMPLATE)
     return _QWEN_NO_VIDEO[family](image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
 
 
@@ -229,6 +250,8 @@ def _build_config(family: str, tok: PreTrainedTokenizerFast, num_layers: int) ->
                                     vision_feature_select_strategy="full", vision_feature_layer=-1,
                                     image_grid_pinpoints=_NEXT_PINPOINTS, vision_aspect_ratio=_OV_ASPECT,
                                     projector_hidden_act="gelu", **ids)
+    if family == "qwen3_vl":
+        return _qwen3_config(tok, num_layers, ids)
     # Qwen's BOS is <|endoftext|>, which is also its pad token.
     text = {"model_type": family + "_text", "vocab_size": len(tok), "num_hidden_layers": num_layers,
             "bos_token_id": tok.pad_token_id, **ids, **_TEXT,
@@ -247,6 +270,24 @@ def _build_config(family: str, tok: PreTrainedTokenizerFast, num_layers: int) ->
                video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
                vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
                vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"), **ids)
+
+
+def _qwen3_config(tok: PreTrainedTokenizerFast, num_layers: int, ids: dict[str, int]) -> PreTrainedConfig:
+    """Qwen3-VL: a Qwen3 decoder (q/k norms, explicit head_dim) with interleaved M-RoPE, and a tower whose
+    DeepStack mergers add features of early blocks to the first decoder layers' outputs at the visual tokens."""
+    text = {"model_type": "qwen3_vl_text", "vocab_size": len(tok), "num_hidden_layers": num_layers,
+            "bos_token_id": tok.pad_token_id, "head_dim": 16, **ids, **_TEXT,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "mrope_section": _QWEN3_MROPE_SECTION, "mrope_interleaved": True}}
+    vision = {"depth": 3, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "in_channels": 3,
+              "patch_size": _QWEN_PATCH, "spatial_merge_size": _QWEN_MERGE, "temporal_patch_size": 2,
+              "out_hidden_size": _TEXT["hidden_size"], "num_position_embeddings": 16,
+              "deepstack_visual_indexes": _QWEN3_DEEPSTACK}
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+                         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+                         vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"), **ids)
 
 
 def build_tiny(family: str, out_dir: str | Path, *, seed: int = 0, num_layers: int = 4) -> Path:
