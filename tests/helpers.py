@@ -121,3 +121,16 @@ def dense_relevance(a: torch.Tensor, t: float) -> torch.Tensor:
     if g.numel() == 0:
         g = recv.argmax()[None]
     return a[g].mean(0)
+
+
+def onevision_nested_batch(processor):
+    """LLaVA-OneVision inputs with nested images (the processor's multi-image layout: base tiles + one trailing
+    newline each) beside a one-image sample, left padded: 1 and 2 images."""
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [*[{"type": "image"}] * n,
+                                                                           {"type": "text", "text": t}]}],
+                                             add_generation_prompt=True, tokenize=False)
+               for n, t in ((1, "describe the picture"), (2, "compare these two images"))]
+    images = [[random_image(1, SIZES[0])], [random_image(2, SIZES[1]), random_image(3, SIZES[2])]]
+    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    assert inputs["batch_num_images"].tolist() == [1, 2]
+    return inputs

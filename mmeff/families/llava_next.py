@@ -54,8 +54,13 @@ class LlavaNextAdapter(LlavaAdapter):
             pos += 1 + rows * cols
             if len(tiles) != 1 + rows * cols:
                 return None
-            side = sp.tiles[0].rows
-            grid = torch.stack(tiles[1:]).view(rows, cols, side, side).permute(0, 2, 1, 3)
-            grid = unpad_image(grid.reshape(1, rows * side, cols * side), torch.tensor(size))[0]
+            grid = stitch_tiles(tiles[1:], rows, cols, sp.tiles[0].rows, size)[0]
             out.append(torch.cat([tiles[0], grid.flatten()]))
         return out if pos == len(units) else None
+
+
+def stitch_tiles(tiles: list[torch.Tensor], rows: int, cols: int, side: int, size: list[int]) -> torch.Tensor:
+    """[1, H, W]: per-token values of an image's ``rows x cols`` anyres tiles (each ``side x side``, row-major)
+    stitched into one grid and unpadded to the image's aspect as the model does with its features."""
+    grid = torch.stack(tiles).view(rows, cols, side, side).permute(0, 2, 1, 3)
+    return unpad_image(grid.reshape(1, rows * side, cols * side), torch.tensor(size))

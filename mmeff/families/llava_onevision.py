@@ -23,7 +23,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from mmeff.errors import ImageTokenMismatchError, UnsupportedModelError
 from mmeff.families.base import ImageSpan, Tile
-from mmeff.families.llava_next import LlavaNextAdapter
+from mmeff.families.llava_next import LlavaNextAdapter, stitch_tiles
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -113,9 +113,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             pos += 1 + rows * cols
             if len(tiles) != 1 + rows * cols:
                 return None
-            side = sp.tiles[0].rows
-            grid = torch.stack(tiles[1:]).view(rows, cols, side, side).permute(0, 2, 1, 3)
-            grid = unpad_image(grid.reshape(1, rows * side, cols * side), torch.tensor(size))
+            grid = stitch_tiles(tiles[1:], rows, cols, sp.tiles[0].rows, size)
             if scaled is not None:
                 grid = nn.functional.interpolate(grid[None].float(), list(scaled), mode="bilinear")[0].to(grid.dtype)
             out.append(torch.cat([tiles[0], grid[0].flatten()]))

@@ -13,7 +13,7 @@ from mmeff.families import FAMILY_NAMES, adapter_for
 from mmeff.families.base import ImageSpan, Tile, runs
 from mmeff.families.prompt import make_inputs
 from mmeff_lab.models.factory import FAMILIES, load_tiny, random_image
-from tests.helpers import SIZES, batch
+from tests.helpers import SIZES, batch, onevision_nested_batch
 
 
 def test_runs():
@@ -136,13 +136,7 @@ def test_onevision_layouts_follow_anyres_max_and_multi_image_samples(tiny_model_
         one = make_inputs(processor, ["look"], [[random_image(5, size)]])
         (span,) = adapter.spans(one["input_ids"], one)[0]
         assert (span.tiles[1].rows, span.tiles[1].cols) == grid and span.tiles[1].newline
-    prompts = [processor.apply_chat_template([{"role": "user", "content": [*[{"type": "image"}] * n,
-                                                                           {"type": "text", "text": t}]}],
-                                             add_generation_prompt=True, tokenize=False)
-               for n, t in ((1, "describe the picture"), (2, "compare these two images"))]
-    images = [[random_image(1, SIZES[0])], [random_image(2, SIZES[1]), random_image(3, SIZES[2])]]
-    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
-    assert inputs["batch_num_images"].tolist() == [1, 2]
+    inputs = onevision_nested_batch(processor)
     spans = adapter.spans(inputs["input_ids"], inputs)
     assert [len(sp.tiles) for s in spans for sp in s] == [2, 1, 1]
     assert [sp.trailing_layout for s in spans for sp in s] == [0, 1, 1]

@@ -9,7 +9,7 @@ import torch
 import mmeff
 from mmeff.engine.ranking import keep_top
 from mmeff.families import adapter_for
-from tests.helpers import batch
+from tests.helpers import batch, onevision_nested_batch
 from tests.helpers import hidden_tokens_generate as reference_generate
 
 
@@ -40,18 +40,11 @@ def test_fastv_generate_equals_slow_reference(models, preset, k, ratio, query):
 def test_fastv_onevision_multi_image_sample(tiny_model_dir):
     """LLaVA-OneVision's multi-image samples (nested images: base tiles + one trailing newline each) beside an
     anyres one, left padded: FastV still equals the slow reference."""
-    from mmeff_lab.models.factory import load_tiny, random_image
-    from tests.helpers import SIZES
+    from mmeff_lab.models.factory import load_tiny
 
     eager, processor = load_tiny(tiny_model_dir("llava_onevision"), attn_implementation="eager")
     sdpa, _ = load_tiny(tiny_model_dir("llava_onevision"))
-    prompts = [processor.apply_chat_template([{"role": "user", "content": [*[{"type": "image"}] * n,
-                                                                           {"type": "text", "text": t}]}],
-                                             add_generation_prompt=True, tokenize=False)
-               for n, t in ((1, "describe the picture"), (2, "compare these two images"))]
-    images = [[random_image(1, SIZES[0])], [random_image(2, SIZES[1]), random_image(3, SIZES[2])]]
-    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
-    assert inputs["batch_num_images"].tolist() == [1, 2]
+    inputs = onevision_nested_batch(processor)
     check_fastv("llava_onevision", eager, sdpa, inputs, "fastv", 2, 0.5, "all")
 
 
