@@ -23,13 +23,20 @@ REF = "mmeff_test_cfg_reference"
 _PATCH: dict = {"rows": None, "gain": None, "start": 2, "heads": None}
 
 
-def _reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager attention with the released patch: rows ``_PATCH["rows"]`` x keys weighted by ``_PATCH["gain"]``."""
+def eager_scores(query, key, value, attention_mask, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-softmax scores with the mask added, values with their KV heads repeated): eager attention's first half,
+    shared by the slow references (they differ in what they do to the scores or probabilities)."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    return scores, value
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention with the released patch: rows ``_PATCH["rows"]`` x keys weighted by ``_PATCH["gain"]``."""
+    scores, value = eager_scores(query, key, value, attention_mask, scaling)
     rows, gain = _PATCH["rows"], _PATCH["gain"]
     if rows is not None and module.layer_idx >= _PATCH["start"]:
         g = rows[:, None, :, None].to(scores.dtype) * gain[:, None, None, :].to(scores.dtype)  # [B, 1, q, k]

@@ -24,6 +24,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from tests.methods.cfg_reference import eager_scores, step_inputs
+
 REF = "mmeff_test_var_reference"
 _RUN: dict = {}
 
@@ -36,11 +38,7 @@ def _scores(h: torch.Tensor, dims) -> torch.Tensor:
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    scores, value = eager_scores(query, key, value, attention_mask, scaling)
     probs = torch.softmax(scores.float(), -1)
     layer = module.layer_idx
     if layer in _RUN["layers"]:
@@ -138,7 +136,6 @@ from mmeff.methods.var import discover_sink_dims, text_model_key  # noqa: E402
 from mmeff.presets import get_preset  # noqa: E402
 from mmeff_lab.models.factory import load_tiny, random_image  # noqa: E402
 from tests.helpers import batch, method_data  # noqa: E402
-from tests.methods.cfg_reference import step_inputs  # noqa: E402
 
 STEPS = 3
 GEN = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True,
