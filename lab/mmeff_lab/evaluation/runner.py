@@ -364,8 +364,8 @@ def collect(cfg: EvalConfig, samples: dict[str, list[Sample]], data: DataSource,
                                   "run again with --resume")
             recs = [logged[s.id] for s in task_samples]
             answers = [r["answer"] for r in recs]
-            scored = (_score_chair(task_samples, answers, data, cfg.chair_protocol) if task == "chair"
-                      else score(task, task_samples, answers, None, data.mme_benchmark))
+            scored = score(task, task_samples, answers, data.chair_ground_truth if task == "chair" else None,
+                           data.mme_benchmark, cfg.chair_protocol)
             if task == "chair" and cfg.clipscore:
                 unscored = [r["id"] for r in recs if "clip_s" not in r]
                 if unscored:
@@ -375,16 +375,6 @@ def collect(cfg: EvalConfig, samples: dict[str, list[Sample]], data: DataSource,
             per_task[task] = (scored, recs)
         rows.append((preset, per_task))
     return res.build_results(cfg, family, data.describe(), rows, cfg.n_boot)
-
-
-def _score_chair(samples: list[Sample], answers: list[str], data: DataSource, protocol: str) -> Any:
-    """CHAIR with the run's protocol (``tasks.score`` uses the default one)."""
-    from . import chair
-    from .tasks import Scored, chair_metrics
-
-    r = chair.evaluate_chair([(s.meta["image_id"], a) for s, a in zip(samples, answers)], data.chair_ground_truth,
-                             protocol=protocol)
-    return Scored(chair_metrics(r.metrics), r.sample_matrix(), r.sentences)
 
 
 def _task_samples(task: str, data: DataSource, cfg: EvalConfig) -> list[Sample]:

@@ -271,8 +271,8 @@ HEADLINE: dict[str, dict[str, Callable[[np.ndarray], np.ndarray]]] = {
 
 def score(task: str, samples: Sequence[Sample], answers: Sequence[str],
           ground_truth: dict[int, frozenset[str]] | None = None,
-          mme_benchmark: Sequence[str] = mme.SUBTASKS) -> Scored:
-    """Official metrics of ``answers`` (one per sample, same order)."""
+          mme_benchmark: Sequence[str] = mme.SUBTASKS, chair_protocol: str = chair.DEFAULT_PROTOCOL) -> Scored:
+    """Official metrics of ``answers`` (one per sample, same order); CHAIR's words by ``chair_protocol``."""
     if len(samples) != len(answers):
         raise ValueError(f"{task}: {len(answers)} answers for {len(samples)} samples")
     if task in POPE_TASKS:
@@ -281,7 +281,8 @@ def score(task: str, samples: Sequence[Sample], answers: Sequence[str],
         keys = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n", "non_yes_no")
         return Scored({k: m[k] for k in keys}, pope.pope_sample_matrix(answers, labels))
     if task == "chair":
-        res = chair.evaluate_chair([(s.meta["image_id"], a) for s, a in zip(samples, answers)], ground_truth)
+        res = chair.evaluate_chair([(s.meta["image_id"], a) for s, a in zip(samples, answers)], ground_truth,
+                                   protocol=chair_protocol)
         return Scored(chair_metrics(res.metrics), res.sample_matrix(), res.sentences)
     if task == "mme":
         results: dict[str, list[mme.MMEResult]] = {}
