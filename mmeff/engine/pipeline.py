@@ -405,7 +405,10 @@ class Pipeline:
             state = State(spans, visual.to(dev), layout.to(dev), inputs.get("attention_mask"), n)
             state.host_prunable = (visual & ~layout).sum(1).tolist()
             state.groups.append(identity_group(b, n, dev))
-            state.span_inputs = {k: inputs.get(k) for k in self.adapter.span_inputs}
+            # held on the host: the adapters read them as Python layout (``image_tokens``), which inside a captured
+            # prefill must not read the device
+            state.span_inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                 for k in self.adapter.span_inputs for v in [inputs.get(k)]}
         state.method_data = {m.name: m.Data() for m in self.methods if m.Data is not None}
         return state
 

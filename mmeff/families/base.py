@@ -10,6 +10,7 @@ gathered along the sequence axis (the last axis of ids, of any leading shape —
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -304,6 +305,44 @@ class Adapter:
 
     def _count_images(self, inputs: dict[str, Any], per_sample_runs: list[list[tuple[int, int]]]) -> int:
         raise NotImplementedError
+
+
+def filled_on(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` (a small tensor) on ``device`` built from one fill per element: kernels with the values as
+    constants, no host-to-device copy (which a CUDA-graph capture refuses from pageable memory)."""
+    out = torch.empty(host.shape, dtype=host.dtype, device=device)
+    flat = out.view(-1)
+    for i, value in enumerate(host.flatten().tolist()):
+        flat[i].fill_(value)
+    return out
+
+
+class _FilledTensors:
+    """A module's ``torch`` during a capture: ``torch.tensor(host list, device=...)`` goes through
+    :func:`filled_on`; everything else is torch."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def tensor(self, data: Any, *args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        if device is None or isinstance(data, torch.Tensor) or torch.device(device).type == "cpu":
+            return self._real.tensor(data, *args, device=device, **kwargs)
+        return filled_on(self._real.tensor(data, *args, **kwargs), device)
+
+
+@contextlib.contextmanager
+def device_lists_filled(module: Any) -> Iterator[None]:
+    """While entered, ``torch.tensor(list, device=...)`` inside the Python module ``module`` (a transformers
+    modeling file) builds the tensor with fills instead of copying it from the host; see :func:`filled_on`."""
+    real = module.torch
+    module.torch = _FilledTensors(real)
+    try:
+        yield
+    finally:
+        module.torch = real
 
 
 def text_positions(mask: torch.Tensor) -> torch.Tensor:

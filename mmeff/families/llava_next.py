@@ -3,13 +3,16 @@ image's aspect ratio with one ``image_newline`` token closing every row (the lay
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers.models.llava_next import modeling_llava_next
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from mmeff.errors import ImageTokenMismatchError
-from mmeff.families.base import ImageSpan, Tile
+from mmeff.families.base import ImageSpan, Tile, device_lists_filled
 from mmeff.families.llava import LlavaAdapter
 
 
@@ -18,6 +21,14 @@ class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
     span_inputs = ("image_sizes",)
     host_inputs = ("image_sizes",)  # the anyres grid is chosen on the host from them (``image_sizes.tolist()``)
+
+    @contextlib.contextmanager
+    def capture_context(self) -> Iterator[None]:
+        """LLaVA's placeholder mask (:meth:`LlavaAdapter.capture_context`), and ``pack_image_features``' last line,
+        ``torch.tensor(feature_lens, device=...)`` (a host list copied to the device, which a capture refuses),
+        built from fills instead: the lengths are host ints fixed by the signature's image sizes."""
+        with super().capture_context(), device_lists_filled(modeling_llava_next):
+            yield
 
     def _count_images(self, inputs: dict[str, Any], per_sample_runs: list[list[tuple[int, int]]]) -> int:
         if inputs.get("image_sizes") is None:

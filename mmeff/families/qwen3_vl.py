@@ -11,9 +11,11 @@ differences that matter to mmeff:
   with ``visual_pos_masks`` [B, N] and the features [visual tokens, D] in row-major order). When the pipeline has
   removed tokens (input stage or an earlier layer), the layer's output holds only its group's slots: the
   additions must follow the same selection. :meth:`Qwen3VLAdapter.instance_patches` shadows the text model's
-  ``_deepstack_process`` while attached with a version that scatters the features to original coordinates and
-  gathers them (and the mask) to the current group's slots; fill slots get none. A token removed before layer
-  ``l`` never gets the additions after ``l`` — it is no longer computed; a kept token gets exactly its own.
+  ``_deepstack_process`` while attached with a version that places the features in original coordinates and
+  gathers them (and the mask) to the current group's slots; fill slots get none. It uses gathers only (the
+  original's boolean indexing reads a count back), so a prefill's decoder can be captured in a CUDA graph. A
+  token removed before layer ``l`` never gets the additions after ``l`` — it is no longer computed; a kept token
+  gets exactly its own.
 
 Videos: each frame (its own ``<|vision_start|>`` run after a timestamp) is one span of one tile; mixing images and
 videos in one batch is refused (as for Qwen2-VL).
@@ -57,17 +59,22 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         def deepstack(hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor
                       ) -> torch.Tensor:
             st = host.state
-            if st is None or st.phase != "prefill" or hidden.shape[1] == visual_pos_masks.shape[1]:
-                return original(hidden, visual_pos_masks, visual_embeds)  # original coordinates
-            g = st.group
-            if g.index.shape[1] != hidden.shape[1]:
-                raise MmeffError(f"qwen3_vl: DeepStack step on {hidden.shape[1]} tokens but the current group holds "
-                                 f"{g.index.shape[1]} (unexpected call order)")
+            if st is None or st.phase != "prefill" or visual_embeds.shape[0] == 0:
+                return original(hidden, visual_pos_masks, visual_embeds)
             mask = visual_pos_masks.to(hidden.device)
-            full = visual_embeds.new_zeros(*mask.shape, visual_embeds.shape[-1])
-            full[mask] = visual_embeds.to(full.device)
-            kept = torch.gather(mask, 1, g.index) & g.valid
-            slots = torch.gather(full, 1, g.index[..., None].expand(-1, -1, full.shape[-1]))
-            return original(hidden, kept, slots[kept])
+            embeds = visual_embeds.to(hidden.device, hidden.dtype)
+            # the features in original coordinates by each position's visual ordinal (a gather: transformers'
+            # boolean indexing reads the count back, which a captured prefill may not)
+            ordinal = (mask.flatten().cumsum(0) - 1).clamp_min(0)
+            full = embeds.index_select(0, ordinal).view(*mask.shape, embeds.shape[-1])
+            if hidden.shape[1] != mask.shape[1]:  # tokens removed: follow the current group's slots
+                g = st.group
+                if g.index.shape[1] != hidden.shape[1]:
+                    raise MmeffError(f"qwen3_vl: DeepStack step on {hidden.shape[1]} tokens but the current group "
+                                     f"holds {g.index.shape[1]} (unexpected call order)")
+                mask = torch.gather(mask, 1, g.index) & g.valid
+                full = torch.gather(full, 1, g.index[..., None].expand(-1, -1, full.shape[-1]))
+            # what the original computes (hidden + features at the visual positions), sum for sum
+            return torch.where(mask[..., None], hidden + full, hidden)
 
         return [(text, "_deepstack_process", deepstack)]

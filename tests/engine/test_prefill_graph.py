@@ -17,7 +17,7 @@ import mmeff
 from mmeff.engine.prefill_graph import Mismatch, copy_into, fork
 from mmeff.engine.state import Group
 from mmeff.families.prompt import make_inputs
-from mmeff_lab.models.factory import load_tiny, random_image
+from mmeff_lab.models.factory import FAMILIES, load_tiny, random_image
 from tests.helpers import SIZES, assert_same_generation, batch
 
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -145,7 +145,7 @@ def test_fork_keeps_aliasing_and_copy_into_names_the_difference():
 
 @pytest.mark.gpu
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_cuda_graph_prefill_equals_eager(tiny_model_dir, family, preset):
     if not torch.cuda.is_available():

@@ -189,24 +189,52 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_token_layer_bytes = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
     vision_kwargs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
-    decoder_ms: dict[int, float] = {}
+    decoder_ms: dict[tuple[int, bool], float] = {}
+    vision_ms: dict[bool, float] = {}
+    refused: dict[str, str] = {}  # part of the graph-mode ideal that ran eagerly: why
 
-    def decoder_time(length: int) -> float:
+    def median_ms(fn: Callable[[], Any], graphs: bool, part: str) -> float:
+        """Median ms of ``fn``; ``graphs``: of one CUDA-graph replay of it (the launch savings the graph rows
+        get), eager where CUDA refuses the capture (the reason in the result's ``ideal_eager_parts``)."""
+        for _ in range(warmup):
+            fn()
+        if graphs and device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    fn()
+                fn = graph.replay
+                graph.replay()
+            except Exception as e:  # a host read inside: this part of the ideal stays eager
+                refused[part] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                torch.cuda.synchronize(device)
+        try:
+            return _median([timer(fn)[0] for _ in range(repeats)])
+        finally:
+            del fn
+            if graphs and device.type == "cuda":
+                del graph
+                torch.cuda.empty_cache()  # each captured part holds its own memory pool
+
+    def decoder_time(length: int, graphs: bool) -> float:
         """Unwrapped decoder prefill at ``length`` tokens (same batch), median ms."""
-        if length not in decoder_ms:
+        if (length, graphs) not in decoder_ms:
             emb = torch.randn(batch_size, length, cfg.hidden_size, device=device, dtype=next(model.parameters()).dtype)
             lm = adapter.language_model
             run = lambda: lm(inputs_embeds=emb, use_cache=True)  # noqa: E731
-            for _ in range(warmup):
-                run()
-            decoder_ms[length] = _median([timer(run)[0] for _ in range(repeats)])
-        return decoder_ms[length]
+            decoder_ms[length, graphs] = median_ms(run, graphs, "decoder")
+        return decoder_ms[length, graphs]
 
-    # the vision encoder alone, unwrapped (a method's own encoder-side work is part of its prefill time)
-    vision = lambda: adapter.base.get_image_features(**vision_kwargs)  # noqa: E731
-    for _ in range(warmup):
-        vision()
-    vision_t = _median([timer(vision)[0] for _ in range(repeats)])
+    def vision_time(graphs: bool) -> float:
+        """The vision encoder alone, unwrapped (a method's own encoder-side work is part of its prefill time)."""
+        if graphs not in vision_ms:
+            # graphed: the sizes the anyres path reads on the host go as CPU tensors (as in a captured prefill)
+            kw = {k: v.cpu() if graphs and k in adapter.host_inputs else v for k, v in vision_kwargs.items()}
+            vision_ms[graphs] = median_ms(lambda: adapter.base.get_image_features(**kw), graphs, "vision")
+        return vision_ms[graphs]
+
+    vision_time(False)  # before any preset runs (as every measurement so far)
+
     def measure(preset: str, graphs: bool) -> BenchRow:
         handle = mmeff.wrap(model, preset, cuda_graphs="all" if graphs else False, timing=True)
         try:
@@ -239,9 +267,11 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
         per_layer = stats["visual_tokens_kept_per_layer"]
         n_in = stats["visual_tokens_in"]
         full_len = inputs["input_ids"].shape[1]
-        ideal = vision_t + sum(decoder_time(round(full_len - (n_in - kept))) for kept in per_layer) / n_layers
+        # the ideal in the row's mode: with graphs, the unwrapped parts replayed from graphs too
+        ideal = vision_time(graphs) + sum(decoder_time(round(full_len - (n_in - kept)), graphs)
+                                          for kept in per_layer) / n_layers
         return BenchRow(
-            preset=preset, vision_ms=vision_t, prefill_ms=_median(pre_t), ttft_ms=_median(pre_t),
+            preset=preset, vision_ms=vision_time(graphs), prefill_ms=_median(pre_t), ttft_ms=_median(pre_t),
             decode_tokens_per_s=_median(rates),
             peak_memory_bytes=max(peaks) if peaks else None,
             kv_cache_bytes=stats["kv_cache_bytes"],
@@ -280,6 +310,7 @@ def bench(model: nn.Module, presets: list[str], *, batch_size: int = 1, images: 
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "rows": [asdict(r) for r in rows],
         "errors": errors,
+        "ideal_eager_parts": refused,
     }
 
 
@@ -314,7 +345,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         "- *visual kept*: visual tokens each decoder layer attends to, averaged over the layers / tokens in.",
         "- *ideal*: the unwrapped vision encoder plus the unwrapped decoder run on the shortened sequence each layer "
         "sees (the limit a pruning preset can reach); for `none` it is the same model timed in parts, so its ratio "
-        "shows the run-to-run noise.",
+        "shows the run-to-run noise. In `[graphs]` rows both parts are replayed from CUDA graphs too (what the "
+        "graph rows save on launches, the ideal saves as well).",
         "- *speed-up*: prefill of `none` in the same mode (eager or graphs) / this row's prefill.",
     ]
     if result.get("device") == "cpu":
@@ -325,6 +357,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     if slow:
         lines.append(f"\n**Slower than `none` in the same mode (prefill)**: {', '.join(slow)}")
     lines += [f"\n**{p} failed**: {e}" for p, e in result.get("errors", {}).items()]
+    lines += [f"\n**Graph-mode ideal, {part} timed eagerly** (CUDA refused its capture: {why})"
+              for part, why in result.get("ideal_eager_parts", {}).items()]
     return "\n".join(lines) + "\n"
 
 
