@@ -231,3 +231,90 @@ def test_quantize_key_value_refuses_bad_input():
         kvq.quantize_key_value(x, x, 4, 16, "zipcache")
     with pytest.raises(ValueError, match="whole bytes"):
         kvq.quantize_tokens_cst(torch.randn(1, 1, 4, 6), 2, torch.ones(1, 1, 6))
+
+
+# -- ZipCache's layouts: the Triton kernels against the torch reference -----------------------------------------
+def compare_zipcache_kernels(device: str) -> list[tuple[str, float]]:
+    """For both ZipCache kernels (values: channel-separable token-wise; keys: per channel over the whole part),
+    every dtype / width, with and without a token gather, on ``device``: raises unless the parameters equal the
+    reference's; returns (case, share of codes that differ) — only division ties may."""
+    from mmeff.kernels.kv_quant import gather_tokens
+    from mmeff.kernels.kv_quant import triton as kernel
+
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for bits in (2, 4, 8):
+            for gather in (False, True):
+                b, h, t, d = 2, 3, 70, 32
+                x = (torch.randn(b, h, t, d, generator=gen) * torch.rand(d, generator=gen) * 4).to(dtype)
+                idx = torch.stack([torch.randperm(t, generator=gen)[:45].sort().values for _ in range(b)])
+                x, idx = x.to(device), idx.to(device) if gather else None
+                xs = gather_tokens(x, idx)
+                c = kv_ref.channel_scale(x)
+                got = kernel.quantize_cst(x, bits, c, idx)
+                want = kv_ref.quantize_cst(xs, bits, c)
+                m, pad = xs.shape[2], -xs.shape[2] % 32
+                rows = torch.cat([xs.transpose(-1, -2), xs.transpose(-1, -2)[..., -1:].expand(b, h, d, pad)], -1)
+                got_k = kernel.quantize_channels_whole(x, bits, 32, idx)
+                want_k = kv_ref.quantize_groups(rows.reshape(b * h * d, m + pad), bits, m + pad,
+                                                kv_ref.param_dtype(dtype))
+                for name, g, w in (("values", got, want), ("keys", got_k, want_k)):
+                    case = f"{name} {dtype} {bits}-bit gather={gather}"
+                    assert torch.equal(g[1], w[1]) and torch.equal(g[2], w[2]), case
+                    differ = kv_ref.unpack(g[0], bits) != kv_ref.unpack(w[0], bits)
+                    out.append((case, differ.float().mean().item()))
+    return out
+
+
+def test_zipcache_kernels_in_the_triton_interpreter():
+    """The kernels' logic on CPU: Triton's interpreter (TRITON_INTERPRET=1, read when the kernels are defined,
+    hence a fresh process) runs them on CPU tensors; parameters and codes must equal the reference's."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    code = ("from tests.kernels.test_kv_quant import compare_zipcache_kernels as f; "
+            "r = f('cpu'); print(len(r), max(s for _, s in r))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    n, worst = done.stdout.split()
+    assert int(n) == 36 and float(worst) == 0.0  # the interpreter divides exactly, as the reference
+
+
+@gpu
+@needs_cuda
+def test_zipcache_kernels_match_reference_on_cuda():
+    pytest.importorskip("mmeff.kernels.kv_quant.triton")
+    for case, share in compare_zipcache_kernels("cuda"):
+        assert share < 1e-3, case  # only .5 ties may round differently (the kernel's division)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [2, 4])
+def test_zipcache_kernel_timing(bits):
+    """Report-only: ZipCache's quantizers on a 16k-token 7B layer, Triton against the torch reference."""
+    from mmeff.kernels.kv_quant import triton as kernel
+
+    x = torch.randn(1, 32, 16384, 128, device="cuda", dtype=torch.float16)
+    c = kv_ref.channel_scale(x)
+    rows = x.transpose(-1, -2).reshape(32 * 128, 16384)
+    cases = {
+        "values cst triton": lambda: kernel.quantize_cst(x, bits, c, None),
+        "values cst torch": lambda: kv_ref.quantize_cst(x, bits, c),
+        "keys whole triton": lambda: kernel.quantize_channels_whole(x, bits, 32, None),
+        "keys whole torch": lambda: kv_ref.quantize_groups(rows, bits, 16384, torch.float16),
+    }
+    for name, fn in cases.items():
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"{name} {bits}-bit: {start.elapsed_time(end) / 10:.3f} ms")

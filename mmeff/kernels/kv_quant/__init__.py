@@ -158,7 +158,14 @@ def quantize_channels_whole(
     (the released code shares them over the batch and rounds half to even; we keep samples apart and round as
     the other schemes). Rows (b, h, channel), the M
     tokens padded to a multiple of ``block`` with the last one — the decode kernel's tile; min/max unchanged.
-    Torch ops on every device: it runs once per block, not per decode step."""
+    On CUDA a Triton kernel reads the tokens in place (same parameters and codes: ties aside, one division)."""
+    m = x.shape[2] if index is None else index.shape[1]
+    if use_triton(x) and m and not x.shape[3] & (x.shape[3] - 1):
+        from mmeff.kernels.kv_quant import triton as kernel
+
+        packed, scale, offset = kernel.quantize_channels_whole(x, bits, block, index)
+        return QuantizedTensor((x.shape[0], x.shape[1], m, x.shape[3]), x.dtype, bits, block, "channel", packed, scale,
+                               offset, "row")
     x = gather_tokens(x, index)
     b, h, m, d = x.shape
     pad = -m % block
@@ -176,9 +183,16 @@ def quantize_tokens_cst(
     x: torch.Tensor, bits: int, cscale: torch.Tensor, index: torch.Tensor | None = None
 ) -> QuantizedTensor:
     """ZipCache's channel-separable token-wise quantization (:func:`reference.quantize_cst`) of ``x`` [B, H, T, D]
-    (tokens ``index`` [B, M]) with the block's normalisers ``cscale`` [B, H, D]; torch ops on every device."""
+    (tokens ``index`` [B, M]) with the block's normalisers ``cscale`` [B, H, D]; a Triton kernel on CUDA (the
+    tokens read in place), the torch reference elsewhere."""
+    b, h, _, d = x.shape
+    m = x.shape[2] if index is None else index.shape[1]
+    if use_triton(x) and not d & (d - 1):
+        from mmeff.kernels.kv_quant import triton as kernel
+
+        packed, scale, offset = kernel.quantize_cst(x, bits, cscale, index)
+        return QuantizedTensor((b, h, m, d), x.dtype, bits, d, "token", packed, scale, offset, "cst", cscale)
     x = gather_tokens(x, index)
-    b, h, m, d = x.shape
     packed, scale, offset = reference.quantize_cst(x, bits, cscale)
     return QuantizedTensor((b, h, m, d), x.dtype, bits, d, "token", packed, scale, offset, "cst", cscale)
 

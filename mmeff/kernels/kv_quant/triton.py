@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmeff.kernels.kv_quant.reference import check, param_dtype
+from mmeff.kernels.kv_quant.reference import check, check_packing, param_dtype
 
 _TL_PARAM = {torch.float32: tl.float32, torch.float16: tl.float16}
 
@@ -195,3 +195,130 @@ def dequantize_rows(
             BITS=bits, QMAX=(1 << bits) - 1, GROUP=group, PER=per, BLOCK_G=bg,
         )
     return out
+
+
+# -- ZipCache's layouts (quantizer="zipcache" / "cst") ----------------------------------------------------------
+@triton.jit
+def _quant_cst_kernel(
+    x_ptr, c_ptr, packed_ptr, scale_ptr, offset_ptr, H, T, M, idx_ptr,
+    HP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, PER: tl.constexpr,
+    PARAM: tl.constexpr, GATHER: tl.constexpr,
+):
+    """Channel-separable token-wise: one program per (b, m) over every head's channels of token ``idx[b, m]``
+    (GATHER) or ``m``: ``y = x / c[b]``, one (scale, offset) over the token's H*D values, codes packed into
+    the rows (b, h, m) of D columns."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // M
+    m = pid % M
+    t = m
+    if GATHER:
+        t = tl.load(idx_ptr + b * M + m).to(tl.int64)
+    h = tl.arange(0, HP)
+    hm = h < H
+    byte = tl.arange(0, D // PER)
+    sub = tl.arange(0, PER)
+    col = (byte[:, None] * PER + sub[None, :])[None, :, :]  # [1, D / PER, PER]
+    head = (b * H + h.to(tl.int64))[:, None, None]
+    ok = hm[:, None, None]
+    x = tl.load(x_ptr + (head * T + t) * D + col, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + head * D + col, mask=ok, other=1.0).to(tl.float32)
+    y = tl.math.div_rn(x, c)  # the reference's IEEE division
+    mn = tl.min(tl.min(tl.min(tl.where(ok, y, float("inf")), axis=2), axis=1), axis=0)
+    mx = tl.max(tl.max(tl.max(tl.where(ok, y, float("-inf")), axis=2), axis=1), axis=0)
+    lo = mn.to(PARAM)
+    scale = ((mx - mn) / QMAX).to(PARAM)
+    tl.store(scale_ptr + pid, scale)
+    tl.store(offset_ptr + pid, lo)
+    code = _codes(y, lo, scale, QMAX)
+    word = tl.sum(code << (sub[None, None, :] * BITS), axis=2)  # [HP, D / PER]
+    out_row = (b * H + h.to(tl.int64)) * M + m
+    tl.store(packed_ptr + out_row[:, None] * (D // PER) + byte[None, :], word.to(tl.uint8), mask=hm[:, None])
+
+
+@triton.jit
+def _quant_keys_whole_kernel(
+    x_ptr, packed_ptr, scale_ptr, offset_ptr, H, T, M, MP, idx_ptr,
+    D: tl.constexpr, DB: tl.constexpr, TB: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
+    PER: tl.constexpr, PARAM: tl.constexpr, GATHER: tl.constexpr,
+):
+    """Keys per channel over the whole part: one program per (b*h, DB channels); pass 1 takes each channel's
+    min / max over the MP tokens (``idx[b, :M]`` or ``0..M-1``, the last repeated up to MP: min/max unchanged),
+    pass 2 writes the codes, PER consecutive tokens per byte, into the rows (b, h, channel)."""
+    bh = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * DB + tl.arange(0, DB)
+    b = bh // H
+    mn = tl.full([DB], float("inf"), tl.float32)
+    mx = tl.full([DB], float("-inf"), tl.float32)
+    for start in range(0, MP, TB):
+        t = tl.minimum(start + tl.arange(0, TB), M - 1)
+        if GATHER:
+            t = tl.load(idx_ptr + b * M + t)
+        x = tl.load(x_ptr + (bh * T + t.to(tl.int64))[:, None] * D + d[None, :]).to(tl.float32)
+        mn = tl.minimum(mn, tl.min(x, axis=0))
+        mx = tl.maximum(mx, tl.max(x, axis=0))
+    lo = mn.to(PARAM)
+    scale = ((mx - mn) / QMAX).to(PARAM)
+    out_row = bh * D + d
+    tl.store(scale_ptr + out_row, scale)
+    tl.store(offset_ptr + out_row, lo)
+    byte = tl.arange(0, TB // PER)
+    sub = tl.arange(0, PER)
+    row_bytes = MP // PER
+    for start in range(0, MP, TB):
+        t = tl.minimum(start + byte[:, None] * PER + sub[None, :], M - 1)  # [TB / PER, PER]
+        if GATHER:
+            t = tl.load(idx_ptr + b * M + t)
+        x = tl.load(x_ptr + (bh * T + t.to(tl.int64))[:, :, None] * D + d[None, None, :]).to(tl.float32)
+        code = _codes(x, lo[None, None, :], scale[None, None, :], QMAX)
+        word = tl.sum(code << (sub[None, :, None] * BITS), axis=1)  # [TB / PER, DB]
+        col = start // PER + byte
+        tl.store(packed_ptr + out_row[None, :] * row_bytes + col[:, None], word.to(tl.uint8),
+                 mask=(col < row_bytes)[:, None])
+
+
+def quantize_cst(
+    x: torch.Tensor, bits: int, cscale: torch.Tensor, index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`reference.quantize_cst` of ``x`` [B, H, T, D] (tokens ``index`` [B, M] if given, gathered as read),
+    the normalisers ``cscale`` [B, H, D]: (packed [B*H*M, D*bits/8], scale [B, M], offset [B, M])."""
+    b, h, t, d = x.shape
+    check_packing(bits, d)
+    if d & (d - 1):
+        raise ValueError(f"kv_quant: the fused channel-separable kernel needs a power-of-two head dim, got {d}")
+    x = x.contiguous()
+    m = t if index is None else index.shape[1]
+    per = 8 // bits
+    packed = torch.empty(b * h * m, d // per, dtype=torch.uint8, device=x.device)
+    scale, offset, pdt = _params(x, b * m)
+    if b * m:
+        _quant_cst_kernel[(b * m,)](
+            x, cscale.contiguous(), packed, scale, offset, h, t, m, x if index is None else index.contiguous(),
+            HP=triton.next_power_of_2(h), D=d, BITS=bits, QMAX=(1 << bits) - 1, PER=per, PARAM=_TL_PARAM[pdt],
+            GATHER=index is not None,
+        )
+    return packed, scale.view(b, m), offset.view(b, m)
+
+
+def quantize_channels_whole(
+    x: torch.Tensor, bits: int, block: int, index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys per channel over the whole part (:func:`mmeff.kernels.kv_quant.quantize_channels_whole`): ``x``
+    [B, H, T, D] (tokens ``index`` [B, M], M > 0) -> rows (b, h, channel) of the M tokens padded to a multiple of
+    ``block`` with the last one: (packed [B*H*D, MP*bits/8], scale [B*H*D, 1], offset [B*H*D, 1])."""
+    b, h, t, d = x.shape
+    m = t if index is None else index.shape[1]
+    mp = m + (-m % block)
+    check_packing(bits, mp)
+    if d & (d - 1):
+        raise ValueError(f"kv_quant: the fused key kernel needs a power-of-two head dim, got {d}")
+    x = x.contiguous()
+    per = 8 // bits
+    packed = torch.empty(b * h * d, mp // per, dtype=torch.uint8, device=x.device)
+    scale, offset, pdt = _params(x, b * h * d)
+    db = min(d, 32)
+    _quant_keys_whole_kernel[(b * h, d // db)](
+        x, packed, scale, offset, h, t, m, mp, x if index is None else index.contiguous(),
+        D=d, DB=db, TB=64, BITS=bits, QMAX=(1 << bits) - 1, PER=per, PARAM=_TL_PARAM[pdt],
+        GATHER=index is not None,
+    )
+    return packed, scale.view(-1, 1), offset.view(-1, 1)
