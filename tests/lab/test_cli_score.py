@@ -54,9 +54,12 @@ def test_chair_synthetic_ground_truth_and_missing_image(bench, tmp_path):
     pred.write_text(json.dumps([{"image_id": int(image_id), "caption": f"There is a {objects[0]}."}]))
     result = runner.invoke(app, ["score", "chair", "--predictions", str(pred), "--data", str(bench)])
     assert result.exit_code == 0, result.output
-    pred.write_text(json.dumps([{"image_id": 12345, "caption": "A cat."}]))
+    pred.write_text(json.dumps([{"image_id": 12345, "caption": "A cat."},
+                                {"image_id": int(image_id), "caption": "A cat."},
+                                {"image_id": 391895, "caption": "A man."}]))
     result = runner.invoke(app, ["score", "chair", "--predictions", str(pred), "--data", str(bench)])
-    assert result.exit_code == 2 and "no ground-truth objects for image id 12345" in result.output
+    assert result.exit_code == 2 and "2 of the 3 captioned images have no ground truth in the synthetic benchmark" \
+        in result.output and "(first: image id 12345) — they are COCO image ids: pass --data coco" in result.output
 
 
 def test_pope_answers(bench, tmp_path):
@@ -88,8 +91,11 @@ def test_mme_results(bench, tmp_path):
     assert result.exit_code == 0, result.output
     m = json.loads((tmp_path / "mme_scores.json").read_text())
     assert m["subtasks"]["existence"]["acc"] == 0.75 and m["subtasks"]["existence"]["acc_plus"] == 0.5
-    assert m["perception"] is None and m["cognition"] is None  # one subtask of 14: no MME total
-    assert "note: no MME perception total: 9 of its 10 subtasks missing" in result.output
+    # synthetic images (synth_*): totals over the synthetic benchmark's 4 perception subtasks, as mmeff eval does;
+    # one of them present: no total
+    assert m["benchmark"] == "synthetic" and m["perception"] is None and m["cognition"] is None
+    assert "note: no MME perception total: 3 of its 4 subtasks missing (count, position," in result.output
+    assert "note: no MME cognition total: not part of this benchmark" in result.output
     bad = tmp_path / "count.txt"
     bad.write_text("a.jpg\tIs it?\tYes\n")
     result = runner.invoke(app, ["score", "mme", "--predictions", str(bad)])
@@ -115,21 +121,121 @@ def test_pope_non_answers_are_counted(bench, tmp_path):
     assert "8 of 12 answers say neither yes nor no" in result.output
 
 
-def test_the_benchmark_is_inferred_from_the_ids(tmp_path):
-    """Without --data, COCO answers and captions score against the shipped COCO files (the README's command)."""
+def _answers(path: Path, questions: list, text: str = "Yes", **quote: str) -> Path:
+    """{question_id, text} lines; ``quote`` adds each question's text (``prompt="text"``, as LLaVA's model_vqa
+    writes it, with its suffix) or image (``image="image"``)."""
+    extra = {"prompt": lambda q: q.text + "\nAnswer the question using a single word or phrase.",
+             "image": lambda q: q.image}
+    path.write_text("".join(json.dumps({"question_id": q.question_id, "text": text,
+                                        **{k: extra[k](q) for k in quote}}) + "\n" for q in questions))
+    return path
+
+
+def test_pope_benchmark_is_inferred_from_quoted_questions_or_images(tmp_path):
+    """Without --data, answers that quote their question (LLaVA's ``prompt``) or name their image are scored
+    against the benchmark those are of — the shipped COCO files here, no synthetic set generated."""
     from mmeff_lab.evaluation import pope
 
     qs = pope.load_split("pope_random")
-    pred = tmp_path / "answers.jsonl"
-    pred.write_text("".join(json.dumps({"question_id": q.question_id, "text": "Yes"}) + "\n" for q in qs))
-    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--output", str(tmp_path)])
+    for quote in ("prompt", "image"):
+        pred = _answers(tmp_path / f"answers_{quote}.jsonl", qs, **{quote: quote})
+        result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--output", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / "pope_scores.json").read_text())["n"] == len(qs) == 3000
+    # the same answers quoted against another split's questions: refused, not scored against its labels
+    pred = _answers(tmp_path / "answers.jsonl", qs, prompt="prompt")
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--questions", "adversarial"])
+    assert result.exit_code == 2 and "neither those of the COCO pope_adversarial file nor the synthetic" \
+        in result.output
+
+
+def test_pope_ids_alone_do_not_pick_a_benchmark(tmp_path):
+    """ids 1..3000 number the COCO questions and the synthetic benchmark's alike: bare ids name the flag to pass;
+    LLaVA's 10000001.. numbering names its question file; the count of unknown ids and an example are given."""
+    from mmeff_lab.evaluation import pope
+
+    qs = pope.load_split("pope_random")
+    pred = _answers(tmp_path / "answers.jsonl", qs)
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred)])
+    assert result.exit_code == 2 and "carry only question ids" in result.output
+    assert "pass --data coco for answers about COCO val2014 images, --data synthetic" in result.output
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--data", "coco",
+                                 "--output", str(tmp_path)])
+    assert result.exit_code == 0 and json.loads((tmp_path / "pope_scores.json").read_text())["n"] == 3000
+    # LLaVA's answer file (adversarial 1..3000, random 10000001..) without its question file
+    lines = pred.read_text() + "".join(json.dumps({"question_id": 10_000_000 + q.question_id, "text": "No"}) + "\n"
+                                       for q in qs)
+    pred.write_text(lines)
+    for data in ([], ["--data", "coco"]):
+        result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), *data])
+        assert result.exit_code == 2, result.output
+        assert (f"{pred}:3001: 3000 of 6000 answers are for question ids not among the 3000 questions of the "
+                "shipped COCO pope_random file (first: question_id 10000001)") in result.output
+        assert "pass --questions llava_pope_test.jsonl" in result.output
+
+
+def test_synthetic_and_coco_answers_are_never_crossed(bench, tmp_path, monkeypatch):
+    """Answers quoting the synthetic benchmark's questions: inferred as synthetic without --data (its generation
+    stubbed with the small test set), refused against COCO; COCO answers refused against the synthetic set."""
+    import mmeff_lab.reference.synthetic as synthetic
+    from mmeff_lab.evaluation import pope
+
+    monkeypatch.setattr(synthetic, "ensure_benchmarks", lambda *a, **k: bench)
+    synth = pope.load_questions(bench / "pope" / "coco_pope_random.json")
+    pred = _answers(tmp_path / "synthetic.jsonl", synth, prompt="prompt")
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--output", str(tmp_path / "auto")])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "pope_scores.json").read_text())["n"] == len(qs) == 3000
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--data", str(bench),
+                                 "--output", str(tmp_path / "given")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "auto" / "pope_scores.json").read_text() == (tmp_path / "given" / "pope_scores.json").read_text()
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--data", "coco"])
+    assert result.exit_code == 2, result.output
+    assert (f"{pred}:1: 12 of 12 answers are to other questions than those of the shipped COCO pope_random file "
+            "(first: the answer asks 'Is there") in result.output
+    coco = pope.load_split("pope_random")[: len(synth)]  # the same ids 1..12, COCO's questions
+    pred = _answers(tmp_path / "coco.jsonl", coco, image="image")
+    result = runner.invoke(app, ["score", "pope", "--predictions", str(pred), "--data", str(bench)])
+    assert result.exit_code == 2 and "12 of 12 answers are to other questions" in result.output
+    assert "is about COCO_val2014_000000310196.jpg" in result.output
+
+
+def test_chair_benchmark_is_inferred_from_the_image_ids(bench, tmp_path, monkeypatch):
+    """COCO ids (< 1e9) score against the shipped COCO ground truth, synthetic ones (scene seeds >= 1e9) against the
+    synthetic benchmark; a mix, or ids the ground truth lacks, are one error counting them."""
+    import mmeff_lab.reference.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic, "ensure_benchmarks", lambda *a, **k: bench)
+    synth_id = int(next(iter(json.loads((bench / "chair" / "synth_image_objects.json").read_text()))))
     caps = tmp_path / "captions.jsonl"
-    image_id = int(qs[0].image.rsplit("_", 1)[1].split(".")[0])  # COCO_val2014_000000xxxxxx.jpg
-    caps.write_text(json.dumps({"image_id": image_id, "caption": "A dog on a sofa."}) + "\n")
+    caps.write_text(json.dumps({"image_id": 391895, "caption": "A man on a moped."}) + "\n")
+    result = runner.invoke(app, ["score", "chair", "--predictions", str(caps)])  # the README's command, no --data
+    assert result.exit_code == 0, result.output
+    caps.write_text(json.dumps({"image_id": f"synth_{synth_id:012d}.jpg", "caption": "A cat."}) + "\n")
     result = runner.invoke(app, ["score", "chair", "--predictions", str(caps), "--output", str(tmp_path)])
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "chair_scores.json").read_text())["sentences"][0]["image_id"] == synth_id
+    result = runner.invoke(app, ["score", "chair", "--predictions", str(caps), "--data", "coco"])
+    assert result.exit_code == 2 and (f"1 of the 1 captioned images have no ground truth in the shipped COCO 2014 "
+                                      f"ground truth (first: image id {synth_id}) — they are synthetic-benchmark "
+                                      "image ids: pass --data synthetic") in result.output
+    caps.write_text(json.dumps({"image_id": synth_id, "caption": "A cat."}) + "\n"
+                    + json.dumps({"image_id": 391895, "caption": "A man."}) + "\n")
+    result = runner.invoke(app, ["score", "chair", "--predictions", str(caps)])
+    assert result.exit_code == 2 and "mix COCO image ids (e.g. 391895) and synthetic-benchmark ones" in result.output
+    absent = synth_id + 5_000_000  # a synthetic id, not in the benchmark
+    caps.write_text(json.dumps({"image_id": absent, "caption": "A cat."}) + "\n")
+    result = runner.invoke(app, ["score", "chair", "--predictions", str(caps)])
+    assert result.exit_code == 2 and f"(first: image id {absent})" in result.output
+
+
+def test_mme_results_mixing_benchmarks_are_refused(bench, tmp_path):
+    template = (bench / "mme" / "eval_tool" / "Your_Results" / "existence.txt").read_text().splitlines()
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "existence.txt").write_text("".join(f"{t}\tYes\n" for t in template))
+    (tmp_path / "res" / "OCR.txt").write_text("1.jpg\tIs it?\tYes\tYes\n1.jpg\tIs it not?\tNo\tNo\n")
+    result = runner.invoke(app, ["score", "mme", "--predictions", str(tmp_path / "res")])
+    assert result.exit_code == 2 and "mix synthetic-benchmark images (synth_*) and others" in result.output
 
 
 def test_llava_answer_and_question_files(tmp_path):

@@ -117,8 +117,10 @@ def test_answers_missing_and_extra(tmp_path: Path) -> None:
     f.write_text(json.dumps({"question_id": 1, "text": "Yes"}) + "\n")
     with pytest.raises(DataError, match="2 questions have no answer"):
         load_answers(f, qs)
-    f.write_text(json.dumps({"question_id": 99999, "text": "Yes"}) + "\n")
-    with pytest.raises(DataError, match=r"a\.jsonl:1: answer for question_id 99999"):
+    f.write_text("".join(json.dumps({"question_id": i, "text": "Yes"}) + "\n" for i in (99999, qs[0].question_id, 8)))
+    with pytest.raises(DataError, match=r"a\.jsonl:1: 2 of 3 answers are for question ids not among the 3 questions "
+                                        r"of the question file \(first: question_id 99999\) — pass the questions they "
+                                        r"answer: --questions FILE, or --data"):
         load_answers(f, qs)
 
 

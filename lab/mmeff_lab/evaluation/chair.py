@@ -160,10 +160,10 @@ def _image_id(value: Any, path: str | Path, lineno: int | None) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
-        m = re.fullmatch(r"(?:COCO_\w+?_)?0*(\d+)(?:\.\w+)?", value.strip())
+        m = re.fullmatch(r"(?:COCO_\w+?_|synth_)?0*(\d+)(?:\.\w+)?", value.strip())  # synth_: the synthetic set
         if m:
             return int(m.group(1))
-    raise DataError(path, f"image_id {value!r} is neither an integer nor a COCO file name", lineno)
+    raise DataError(path, f"image_id {value!r} is neither an integer nor a COCO file name (or a synthetic one)", lineno)
 
 
 def load_captions(path: str | Path, image_id_key: str = "image_id",

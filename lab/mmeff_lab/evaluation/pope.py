@@ -118,33 +118,122 @@ def is_yes_or_no(text: str) -> bool:
     return bool(words & {"yes", "no", "not"})
 
 
-def load_answers(path: str | Path, questions: Sequence[Question]) -> list[str]:
+ANSWER_FORMATS = {
+    "ids": "{question_id, text} lines (LLaVA's model_vqa, mmeff)",
+    "positional": "{question, answer} lines in the question file's order (the POPE repository)",
+    "lmms-eval": "lmms-eval's logged samples (samples_<task>.jsonl of --log_samples)",
+}
+LLAVA_ID_BASE = 10_000_000  # LLaVA numbers random 10000001.., popular 20000001.. (adversarial 1..)
+
+
+def _record_format(obj: dict[str, Any]) -> str | None:
+    if "doc_id" in obj and ("filtered_resps" in obj or "resps" in obj):
+        return "lmms-eval"
+    if "question_id" in obj:
+        return "ids"
+    if "answer" in obj:
+        return "positional"
+    return None
+
+
+def answer_records(path: str | Path) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """(format, JSON lines) of a POPE answer file: one of :data:`ANSWER_FORMATS`, the same on every line — a file
+    that mixes them (two runs appended together, a question file passed as answers) is one error."""
+    records = list(iter_json_lines(path))
+    if not records:
+        raise DataError(path, "no answers in file")
+    accepted = "; ".join(ANSWER_FORMATS.values())
+    first = _record_format(records[0][1])
+    if first == "ids" and "label" in records[0][1]:
+        raise DataError(path, "a question file (its lines carry labels), not answers: pass it as --questions",
+                        records[0][0])
+    if first is None:
+        raise DataError(path, f"no POPE answer format has the keys {sorted(records[0][1])}; accepted: {accepted}",
+                        records[0][0])
+    for lineno, obj in records[1:]:
+        kind = _record_format(obj)
+        if kind != first:
+            what = f"a line in the {kind} format" if kind else f"a line with the keys {sorted(obj)}"
+            raise DataError(path, f"{what} among {first} lines (line {records[0][0]}): one answer format per file; "
+                                  f"accepted: {accepted}", lineno)
+    return first, records
+
+
+def same_question(asked: str, question: str) -> bool:
+    """Whether a prompt (LLaVA's ``prompt`` may carry a suffix such as "Answer the question using a single word or
+    phrase.") asks ``question``."""
+    return " ".join(question.split()) in " ".join(asked.split())
+
+
+def check_identity(path: str | Path, records: Sequence[tuple[int, dict[str, Any]]],
+                   by_id: dict[int, Question], source: str) -> None:
+    """Answers that name their question (``prompt`` / ``question``) or image (``image``) must name the one their
+    question_id has in ``source``; otherwise they answer another question file (COCO vs synthetic, another split)
+    and matching ids would score them against other images' labels. One error counting every mismatch."""
+    bad: list[tuple[int, int, str]] = []
+    for lineno, obj in records:
+        qid = obj.get("question_id")
+        q = by_id.get(qid) if isinstance(qid, int) else None
+        if q is None:
+            continue
+        image = obj.get("image")
+        asked = obj.get("prompt", obj.get("question"))
+        if isinstance(image, str) and Path(image).name != q.image:
+            bad.append((lineno, q.question_id,
+                        f"is about {image}, question {q.question_id} of {source} about {q.image}"))
+        elif isinstance(asked, str) and not same_question(asked, q.text):
+            bad.append((lineno, q.question_id, f"asks {' '.join(asked.split())!r}, question {q.question_id} of "
+                                               f"{source} asks {q.text!r}"))
+    if bad:
+        lineno, _, why = bad[0]
+        raise DataError(path, f"{len(bad)} of {len(records)} answers are to other questions than those of {source} "
+                              f"(first: the answer {why}); pass the questions they answer: --questions FILE, or "
+                              "--data with their benchmark (coco, synthetic, a folder)", lineno)
+
+
+def load_answers(path: str | Path, questions: Sequence[Question], source: str = "the question file") -> list[str]:
     """Raw answer texts, in the order of ``questions``, from JSON lines ``{question_id, text}`` (LLaVA's
     ``model_vqa`` output, mmeff's), or — the POPE repository's own format — ``{question, answer}`` lines in the
-    question file's order (each ``question`` must be that line's question).
+    question file's order (each ``question`` must be that line's question). ``source`` names the questions in
+    errors.
 
-    An answer for an unknown question, a repeated answer or an unanswered question is an error.
+    Answers for unknown questions (all counted, in one error), a repeated answer, an unanswered question or an
+    answer whose ``prompt``/``question``/``image`` is not its question's is an error.
     """
-    records = list(iter_json_lines(path))
-    if records and "question_id" not in records[0][1] and "answer" in records[0][1]:
-        return _positional_answers(path, records, questions)
-    wanted = {q.question_id for q in questions}
+    kind, records = answer_records(path)
+    if kind == "lmms-eval":
+        raise DataError(path, "lmms-eval's logged samples carry their own questions and labels: score them without "
+                              "--questions/--data")
+    if kind == "positional":
+        return _positional_answers(path, records, questions, source)
+    by_id = {q.question_id: q for q in questions}
     texts: dict[int, str] = {}
+    unknown: list[tuple[int, int]] = []
     for lineno, obj in records:
         qid = require(path, lineno, obj, "question_id", int)
-        if qid not in wanted:
-            raise DataError(path, f"answer for question_id {qid}, which is not among the questions", lineno)
+        text = require(path, lineno, obj, "text", str)
+        if qid not in by_id:
+            unknown.append((lineno, qid))
+            continue
         if qid in texts:
             raise DataError(path, f"second answer for question_id {qid}", lineno)
-        texts[qid] = require(path, lineno, obj, "text", str)
+        texts[qid] = text
+    if unknown:
+        lineno, qid = unknown[0]
+        hint = (" — LLaVA's numbering of its three splits: pass --questions llava_pope_test.jsonl (LLaVA's question "
+                "file)" if any(i > LLAVA_ID_BASE for _, i in unknown) else
+                " — pass the questions they answer: --questions FILE, or --data with their benchmark")
+        raise DataError(path, f"{len(unknown)} of {len(records)} answers are for question ids not among the "
+                              f"{len(questions)} questions of {source} (first: question_id {qid}){hint}", lineno)
+    check_identity(path, records, by_id, source)
     missing = [q.question_id for q in questions if q.question_id not in texts]
     if missing:
         raise DataError(path, f"{len(missing)} questions have no answer (first ids: {missing[:5]})")
     return [texts[q.question_id] for q in questions]
 
 
-def _positional_answers(path: str | Path, records: list[tuple[int, dict]], questions: Sequence[Question]
-                        ) -> list[str]:
+def _positional_answers(path: str | Path, records: list[tuple[int, dict]], questions: Sequence[Question],
+                        source: str = "the question file") -> list[str]:
     if len(records) != len(questions):
         raise DataError(path, f"{len(records)} answers in the POPE repository's format (in question order) for "
                               f"{len(questions)} questions")
@@ -152,7 +241,7 @@ def _positional_answers(path: str | Path, records: list[tuple[int, dict]], quest
     for (lineno, obj), q in zip(records, questions):
         asked = obj.get("question")
         if asked is not None and " ".join(str(asked).split()) != " ".join(q.text.split()):
-            raise DataError(path, f"answer {lineno} is to {asked!r}, but question {lineno} of the question file is "
+            raise DataError(path, f"answer {lineno} is to {asked!r}, but question {lineno} of {source} is "
                                   f"{q.text!r} (answers must follow the question file's order)", lineno)
         out.append(require(path, lineno, obj, "answer", str))
     return out
