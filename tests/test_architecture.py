@@ -171,6 +171,8 @@ def test_wrap_loads_no_lab_module(tiny_model_dir, tmp_path) -> None:
     presets = []
     for p in available_presets():
         method = lookup(mmeff.presets.get_preset(p).method)[0].method
+        if method == "vflowopt-vit":  # Qwen2-VL only: refused on LLaVA (wrapped in tests/methods/test_vflowopt_vit.py)
+            continue
         if method == "var":  # the tiny decoder has no sink dimensions: VAR is refused on it (tested elsewhere)
             overrides[p] = {"sink_dims": [0]}
             overrides[p]["tau"] = 2.0

@@ -4,6 +4,8 @@ decoder uses 3-D M-RoPE position ids, which mmeff gathers row by row like any ot
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,8 +16,20 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision as _rotary_2
 from transformers.vision_utils import get_vision_window_index
 
-from mmeff.errors import ImageTokenMismatchError
+from mmeff.errors import ImageTokenMismatchError, MmeffError
 from mmeff.families.base import Adapter, Tile, VisionCall, text_positions
+
+
+@dataclass
+class UnitDrop:
+    """Merge units kept after one tower block by a vision-side stage (``mmeff.methods.vflowopt.vit``, ours): what
+    the later blocks and the merger run on. A merge unit is the m x m patch group the PatchMerger turns into one
+    LLM token; in the packed tower sequence its patches are m*m consecutive positions."""
+
+    index: torch.Tensor  # [S'] packed patch positions kept (whole units, in tower order)
+    units: torch.Tensor  # [U'] kept merged tokens (indices into the tower's full merged output)
+    n_units: int  # merged tokens of the full output (what the merger's output is scattered back to)
+    block_kwargs: dict[str, Any]  # the later blocks' cu_seqlens / max_seqlen / rotary, over the kept positions
 
 
 class Qwen2VLAdapter(Adapter):
@@ -147,6 +161,94 @@ class Qwen2VLAdapter(Adapter):
     def set_rope_state(self, value: Any) -> None:
         if hasattr(self.base, "rope_deltas"):
             self.base.rope_deltas = value
+
+
+    # -- a vision-side stage (ours): whole merge units dropped inside the tower after one block ------------------
+    def merge_units(self, call: VisionCall) -> tuple[torch.Tensor, list[int]]:
+        """([U] attention block (frame) of each merged token of the call, tower order; per block its merged-token
+        count, on the host — read from ``grid_thw``, as the tower itself does)."""
+        unit = self.vision_tower.config.spatial_merge_size ** 2
+        counts = [h * w // unit for t, h, w in call.grid.tolist() for _ in range(t)]
+        frame = torch.arange(len(counts), device=call.hidden.device).repeat_interleave(
+            torch.tensor(counts, device=call.hidden.device))
+        return frame, counts
+
+    def drop_units(self, call: VisionCall, keep: torch.Tensor, kept: list[int]) -> UnitDrop:
+        """What the blocks after ``call.layer`` run on when only the merged tokens ``keep`` ([U] bool, tower order)
+        stay, ``kept[i]`` of them in attention block (frame) i: the kept patches (whole units), the per-frame
+        ``cu_seqlens`` of the kept positions, and the rotary embeddings the tower made for the full grid gathered at
+        the kept patches (each keeps its exact 2-D position)."""
+        if self.windowed:
+            raise MmeffError(f"{self.family}: dropping merge units inside the windowed tower is not supported")
+        unit = self.vision_tower.config.spatial_merge_size ** 2
+        n_units, n_kept = keep.numel(), sum(kept)
+        units = torch.sort((~keep).to(torch.int8), stable=True).indices[:n_kept]  # kept, ascending: no host read
+        index = (units[:, None] * unit + torch.arange(unit, device=units.device)).flatten()
+        kwargs = call.kwargs
+        cu = kwargs["cu_seqlens"]
+        lengths = [k * unit for k in kept]
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        out: dict[str, Any] = {"cu_seqlens": torch.tensor(bounds, dtype=cu.dtype, device=cu.device)}
+        if kwargs.get("max_seqlen") is not None:
+            old = kwargs["max_seqlen"]
+            out["max_seqlen"] = torch.tensor(max(lengths), dtype=old.dtype, device=old.device) \
+                if isinstance(old, torch.Tensor) else max(lengths)
+        for key in ("position_embeddings", "rotary_pos_emb"):
+            value = kwargs.get(key)
+            if isinstance(value, tuple):
+                out[key] = tuple(v.index_select(0, index.to(v.device)) for v in value)
+            elif isinstance(value, torch.Tensor):
+                out[key] = value.index_select(0, index.to(value.device))
+        return UnitDrop(index, units, n_units, out)
+
+    def instance_patches(self, host: Any) -> list[tuple[Any, str, Any]]:
+        """For a vision-side stage among the host's methods (``drops_vision_units``; ours): block ``vit_block``
+        returns only the kept units' positions, the later blocks get the kept positions' ``cu_seqlens`` and
+        rotary embeddings, and the merger runs on the kept units and scatters them back into the full [U, D]
+        output (zeros at the dropped units, which the stage's input-stage selection then removes). While the
+        pipeline is suspended (a method's extra forward of the unwrapped model) the tower runs as it is."""
+        patches = list(super().instance_patches(host))
+        for stage in [m for m in getattr(host, "methods", ()) if getattr(m, "drops_vision_units", False)]:
+            patches += self._unit_drop_patches(host, stage)
+        return patches
+
+    def _unit_drop_patches(self, host: Any, stage: Any) -> list[tuple[Any, str, Any]]:
+        blocks, k = self.vision_layers(), stage.vit_block
+        merger = self.vision_tower.merger
+
+        def active() -> UnitDrop | None:
+            return None if host.is_suspended else stage.unit_drop
+
+        def drop_after(*args: Any, fwd: Any = blocks[k].forward, **kwargs: Any) -> Any:
+            out = fwd(*args, **kwargs)
+            drop = active()
+            if drop is None:
+                return out
+            if isinstance(out, tuple):
+                return (out[0].index_select(0, drop.index), *out[1:])
+            return out.index_select(0, drop.index)
+
+        def later(*args: Any, fwd: Any, **kwargs: Any) -> Any:
+            drop = active()
+            if drop is not None:
+                kwargs.update({key: v for key, v in drop.block_kwargs.items() if key in kwargs})
+            return fwd(*args, **kwargs)
+
+        def merge(x: torch.Tensor, fwd: Any = merger.forward) -> torch.Tensor:
+            drop = active()
+            y = fwd(x)
+            if drop is None:
+                return y
+            stage.unit_drop = None  # consumed: the next tower call decides again at block k
+            return y.new_zeros(drop.n_units, y.shape[-1]).index_copy_(0, drop.units, y)
+
+        patches: list[tuple[Any, str, Any]] = [(blocks[k], "forward", drop_after)]
+        for blk in list(blocks)[k + 1 :]:
+            patches.append((blk, "forward", functools.partial(later, fwd=blk.forward)))
+        patches.append((merger, "forward", merge))
+        return patches
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
