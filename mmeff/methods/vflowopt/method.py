@@ -203,6 +203,20 @@ class _Plan:
     other: list[int]  # per sample: prompt slots that are not prunable visual tokens
 
 
+def check_importance(c: Any, name: str) -> None:
+    """The importance map's settings (``t``, ``t_rule``, ``t_max``, pixel statistics) of a config ``c`` of method
+    ``name``: one :class:`ConfigError` naming the bad one."""
+    if c.t < 0:
+        raise ConfigError(f"{name}: t must be >= 0, got {c.t}")
+    if c.t_rule not in ("released", "bounded"):
+        raise ConfigError(f"{name}: t_rule must be 'released' or 'bounded', got {c.t_rule!r}")
+    if not 0.0 < c.t_max < 1.0:
+        raise ConfigError(f"{name}: t_max (fraction of the largest received attention) must be in (0, 1), "
+                          f"got {c.t_max}")
+    if len(c.pixel_mean) != 3 or len(c.pixel_std) != 3:
+        raise ConfigError(f"{name}: pixel_mean and pixel_std need 3 values (RGB)")
+
+
 class VFlowOpt(Method):
     points = frozenset({Point.ENCODER, Point.INPUT, Point.LAYER})
     graphable = True
@@ -228,19 +242,11 @@ class VFlowOpt(Method):
             raise ConfigError(f"vflowopt: r_v must be in (0, 1], got {effective_r_v(c)}")
         if not c.m >= 1.0:
             raise ConfigError(f"vflowopt: m (cell side in tokens) must be >= 1, got {c.m}")
-        if c.t < 0:
-            raise ConfigError(f"vflowopt: t must be >= 0, got {c.t}")
-        if c.t_rule not in ("released", "bounded"):
-            raise ConfigError(f"vflowopt: t_rule must be 'released' or 'bounded', got {c.t_rule!r}")
-        if not 0.0 < c.t_max < 1.0:
-            raise ConfigError(f"vflowopt: t_max (fraction of the largest received attention) must be in (0, 1), "
-                              f"got {c.t_max}")
+        check_importance(c, "vflowopt")
         if any(not 0.0 <= r <= 1.0 for r in c.llm_ratios):
             raise ConfigError(f"vflowopt: llm_ratios must lie in [0, 1], got {list(c.llm_ratios)}")
         if c.budget is not None and not 0.0 <= c.budget < 1.0:
             raise ConfigError(f"vflowopt: budget must be in [0, 1), got {c.budget}")
-        if len(c.pixel_mean) != 3 or len(c.pixel_std) != 3:
-            raise ConfigError("vflowopt: pixel_mean and pixel_std need 3 values (RGB)")
         n_vision = len(self.adapter.vision_layers())
         layer = c.vision_layer
         if layer is None:

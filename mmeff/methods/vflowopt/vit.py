@@ -41,7 +41,7 @@ from mmeff.engine.state import State
 from mmeff.errors import ConfigError, MmeffError, UnsupportedModelError
 from mmeff.families.base import VisionCall
 from mmeff.kernels.vflowopt_score import context_relevance
-from mmeff.methods.vflowopt.method import CLIP_MEAN, CLIP_STD, combine, token_entropy
+from mmeff.methods.vflowopt.method import CLIP_MEAN, CLIP_STD, check_importance, combine, token_entropy
 
 SUPPORTED = ("qwen2_vl",)
 
@@ -108,14 +108,7 @@ class VFlowOptViT(Method):
             )
         if not 0.0 < c.keep <= 1.0:
             raise ConfigError(f"vflowopt-vit: keep must be in (0, 1], got {c.keep}")
-        if c.t < 0:
-            raise ConfigError(f"vflowopt-vit: t must be >= 0, got {c.t}")
-        if c.t_rule not in ("released", "bounded"):
-            raise ConfigError(f"vflowopt-vit: t_rule must be 'released' or 'bounded', got {c.t_rule!r}")
-        if not 0.0 < c.t_max < 1.0:
-            raise ConfigError(f"vflowopt-vit: t_max must be in (0, 1), got {c.t_max}")
-        if len(c.pixel_mean) != 3 or len(c.pixel_std) != 3:
-            raise ConfigError("vflowopt-vit: pixel_mean and pixel_std need 3 values (RGB)")
+        check_importance(c, "vflowopt-vit")
         depth = len(self.adapter.vision_layers())
         block = math.ceil(depth / 4) - 1 if c.block is None else c.block
         if not -depth <= block < depth:
