@@ -4,7 +4,7 @@ for LLaVA families; Qwen's token types extended with text for generated tokens).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -134,3 +134,15 @@ def onevision_nested_batch(processor):
     inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
     assert inputs["batch_num_images"].tolist() == [1, 2]
     return inputs
+
+
+def cuda_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
+    """Mean CUDA-event milliseconds of ``fn`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmeff.kernels.kv_quant import reference as kv_ref
+from tests.helpers import cuda_ms
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -93,14 +94,7 @@ def test_timing_against_bandwidth_floor(triton_kv, bits):
     moved = x.numel() * 2 + packed.numel() + scale.numel() * 4
     for fn, args in ((triton_kv.quantize_rows, (x, bits, 32)),
                      (triton_kv.dequantize_rows, (packed, scale, offset, bits, 32, torch.float16))):
-        fn(*args)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            fn(*args)
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / 20
+        ms = cuda_ms(lambda fn=fn, args=args: fn(*args))
         floor_ms = moved / 3.3e12 * 1e3  # H100 HBM3 ~3.3 TB/s
         print(f"{fn.__name__} {bits}-bit: {ms:.3f} ms, bytes floor {floor_ms:.3f} ms ({floor_ms / ms:.0%} of peak)")
         assert ms > 0
@@ -310,11 +304,4 @@ def test_zipcache_kernel_timing(bits):
         "keys whole torch": lambda: kv_ref.quantize_groups(rows, bits, 16384, torch.float16),
     }
     for name, fn in cases.items():
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        print(f"{name} {bits}-bit: {start.elapsed_time(end) / 10:.3f} ms")
+        print(f"{name} {bits}-bit: {cuda_ms(fn, 10):.3f} ms")

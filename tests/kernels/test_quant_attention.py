@@ -11,6 +11,7 @@ if not torch.cuda.is_available():  # pragma: no cover - CPU machines
     pytest.skip("needs CUDA", allow_module_level=True)
 triton_kv = pytest.importorskip("mmeff.kernels.kv_quant.triton")
 
+from tests.helpers import cuda_ms  # noqa: E402
 from tests.kernels.test_kv_quant import TOL, rel_err  # noqa: E402
 
 
@@ -96,23 +97,13 @@ def test_quantized_decode_attention_timing(tokens, quantizer):
     def fused():
         decode_attention(q, parts, k_buf, v_buf, None, d**-0.5)
 
-    def timed(fn):
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 20
-
     bw = 4.8e12 if "H200" in torch.cuda.get_device_name() else 3.35e12
     fp_bytes = 2 * k.numel() * 2
     q_bytes = sum(p.keys.nbytes() + p.values.nbytes() + p.index.numel() * 4 for p in parts)  # what the kernel reads
     rows = {"sdpa fp16": (sdpa, fp_bytes), "dequantize+sdpa": (materialised, q_bytes + 2 * fp_bytes),
             "fused 4/2-bit": (fused, q_bytes)}
     for name, (fn, nbytes) in rows.items():
-        ms = timed(fn)
+        ms = cuda_ms(fn)
         floor = nbytes / bw * 1e3
         print(f"decode attention {tokens} tokens ({quantizer}), {name}: {ms:.3f} ms, bytes floor {floor:.3f} ms "
               f"({floor / ms:.0%} of peak)")
