@@ -7,7 +7,7 @@
 #
 #   PART=1  GPU tests of the prefill graphs / static decode, then `mmeff bench --cuda-graphs both` (every preset
 #           eager and from graphs) of LLaVA-1.5-7B batch 1, LLaVA-NeXT-7B anyres batch 1, Qwen2-VL-7B 1288² batch 1,
-#           LLaVA-1.5-7B batch 16: sections "LLaVA-1.5-7B shape", "LLaVA-NeXT-7B shape", "Qwen2-VL-7B shape",
+#           LLaVA-1.5-7B batch 16 (Qwen also with vflowopt-vit-75/90, ours): sections "LLaVA-1.5-7B shape", "LLaVA-NeXT-7B shape", "Qwen2-VL-7B shape",
 #           "Batch-1 prefill from CUDA graphs", "Batch-1 latency: decode from CUDA graphs"
 #   PART=2  issue 28's batch-16 acceptance: `vflowopt-90` / `fastv-90` at batch 16, 5 fresh processes (the median
 #           of their ratios), then the decode-step breakdown (benchmarks/decode_step.py, batch 1 and 16)
@@ -48,7 +48,8 @@ case $PART in
        tests/engine/test_static_decode.py
      bench llava1 --model llava-1.5-7b --batch-size 1 --cuda-graphs both --preset fastv,fastv-90,vflowopt-90
      bench next1 --model llava-next-7b --batch-size 1 --cuda-graphs both --preset fastv,fastv-90,vflowopt-90
-     bench qwen1 --model qwen2-vl-7b --batch-size 1 --cuda-graphs both --preset fastv,fastv-90,vflowopt-90
+     bench qwen1 --model qwen2-vl-7b --batch-size 1 --cuda-graphs both \
+       --preset fastv,fastv-90,vflowopt-90,vflowopt-vit-75,vflowopt-vit-90  # vit: ours, issue 28 item 3
      bench llava16 --model llava-1.5-7b --batch-size 16 --cuda-graphs both --preset fastv,fastv-90,vflowopt-90 ;;
   2) for i in 1 2 3 4 5; do  # fresh processes: the run-to-run spread at batch 16 is larger than one run shows
        REPEATS=5 NEW_TOKENS=8 bench b16_run$i --model llava-1.5-7b --batch-size 16 --cuda-graphs both \
