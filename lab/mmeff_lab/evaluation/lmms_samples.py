@@ -48,6 +48,7 @@ class LoggedSample:
 
 
 def is_logged_sample(obj: dict[str, Any]) -> bool:
+    """Whether a JSON line is one of lmms-eval's logged samples (a doc id and the model's responses)."""
     return "doc_id" in obj and ("filtered_resps" in obj or "resps" in obj)
 
 

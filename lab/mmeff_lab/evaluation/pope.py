@@ -127,7 +127,9 @@ LLAVA_ID_BASE = 10_000_000  # LLaVA numbers random 10000001.., popular 20000001.
 
 
 def _record_format(obj: dict[str, Any]) -> str | None:
-    if "doc_id" in obj and ("filtered_resps" in obj or "resps" in obj):
+    from .lmms_samples import is_logged_sample  # that module reads POPE through this one
+
+    if is_logged_sample(obj):
         return "lmms-eval"
     if "question_id" in obj:
         return "ids"
