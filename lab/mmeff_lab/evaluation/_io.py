@@ -60,6 +60,11 @@ def read_json_records(path: str | Path) -> list[tuple[int | None, dict[str, Any]
     return list(iter_json_lines(path))
 
 
+def is_logged_sample(obj: dict[str, Any]) -> bool:
+    """Whether a JSON line is one of lmms-eval's logged samples (a doc id and the model's responses)."""
+    return "doc_id" in obj and ("filtered_resps" in obj or "resps" in obj)
+
+
 def require(path: str | Path, lineno: int | None, obj: dict[str, Any], key: str, kind: type | tuple) -> Any:
     if key not in obj:
         raise DataError(path, f"missing field {key!r}", lineno)

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import mme, pope
-from ._io import iter_json_lines
+from ._io import is_logged_sample, iter_json_lines
 from .errors import DataError
 
 # lmms-eval's POPE task names -> our split names (pope = lmms-lab/POPE's test split: the three splits mixed)
@@ -45,11 +45,6 @@ class LoggedSample:
     question: str | None  # the doc's question, else the prompt as sent
     image: str | None  # POPE: image_source as a file name; MME: the file name in question_id
     category: str | None  # POPE split / MME subtask
-
-
-def is_logged_sample(obj: dict[str, Any]) -> bool:
-    """Whether a JSON line is one of lmms-eval's logged samples (a doc id and the model's responses)."""
-    return "doc_id" in obj and ("filtered_resps" in obj or "resps" in obj)
 
 
 def is_samples_file(path: str | Path) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import check_image, iter_json_lines, require, shipped_path
+from ._io import check_image, is_logged_sample, iter_json_lines, require, shipped_path
 from .errors import DataError
 
 POPE_SPLITS: dict[str, str] = {
@@ -127,8 +127,6 @@ LLAVA_ID_BASE = 10_000_000  # LLaVA numbers random 10000001.., popular 20000001.
 
 
 def _record_format(obj: dict[str, Any]) -> str | None:
-    from .lmms_samples import is_logged_sample  # that module reads POPE through this one
-
     if is_logged_sample(obj):
         return "lmms-eval"
     if "question_id" in obj:
