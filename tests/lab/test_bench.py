@@ -74,3 +74,19 @@ def test_rows_slower_than_none_in_their_mode_are_flagged():
     assert "| dyvte [graphs] (prefill eager: the capture failed (x)) **slower than none** |" in md
     assert "**Slower than `none` in the same mode (prefill)**: fastv, dyvte [graphs]" in md
     assert "*ideal*: the unwrapped vision encoder" in md and "Timed on the CPU" in md
+
+
+def test_a_vision_side_stage_row_says_its_ideal_counts_the_whole_tower(tiny_model_dir):
+    """vflowopt-vit prunes inside the tower; the ideal (unpruned tower + shortened decoder) is no limit for it."""
+    from mmeff_lab.models.factory import load_tiny
+
+    model, _ = load_tiny(tiny_model_dir("qwen2_vl"))
+    result = speed.bench(model, ["vflowopt-vit-90", "fastv"], image_size=(112, 112), new_tokens=2, repeats=1,
+                         warmup=1)
+    rows = {r["preset"]: r for r in result["rows"]}
+    vit = rows["vflowopt-vit-90"]["extra"]
+    assert vit["vision_block"] == 0 and 0.0 < vit["vision_units_kept"] < 0.2
+    assert "vision_units_kept" not in rows["fastv"]["extra"] and "vision_units_kept" not in rows["none"]["extra"]
+    md = speed.to_markdown(result)
+    assert md.count("†") == 3  # the vit row's two ideal cells and its footnote
+    assert "- † `vflowopt-vit-90` drops merged tokens inside the vision tower (after block 0," in md
